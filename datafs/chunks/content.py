@@ -1,0 +1,333 @@
+"""File content on this node: write buffering, reads over uncommitted data, commit.
+
+One `FileContent` exists per inode while it is open. It overlays uncommitted
+state on the committed chunk list, per chunk index:
+  _Buffer     bytes written since the last commit, over a base (the chunk it replaces)
+  _Sealing    a full buffer being hashed and stored in the background
+  ChunkRef    a sealed chunk (in the cache, pinned) not yet committed
+  None        a hole: reads as zeros, stored as no chunk
+Indexes absent from the overlay read the committed chunk list, except that
+content at or beyond `cut` (the lowest truncation point since the last commit)
+reads as zeros.
+
+Like a local filesystem's page cache, the overlay is per inode: every process
+on this node sees writes at once (O_APPEND and the kernel's size cache rely
+on it). `commit()` (on flush, fsync, release, truncate) seals what is left,
+then records the new chunk list and size in one metadata transaction: from then
+on the content survives a crash of the daemon, and the committed version is
+always one complete state of the file.
+
+Writing a chunk touches the disk once: a buffer that fills up is sealed into the
+cache under its hash at once (no staging file, no copy), and a random write into
+an existing chunk reads the old chunk only when the buffer does not cover it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Union
+
+import trio
+
+from .. import metrics
+from ..config import CHUNK_SIZE_BYTES as C
+from . import ZERO_CHUNK
+from ..meta.store import ChunkRef, MetaStore
+from ..tiers.chain import ChunkSource
+
+log = logging.getLogger(__name__)
+
+_MISSING = object()
+
+
+class _Buffer:
+    """A chunk being written: `data` holds written bytes, `covered` says where."""
+
+    __slots__ = ("data", "covered", "base", "base_len")
+
+    def __init__(self, base: ChunkRef | None, base_len: int):
+        self.data = bytearray(C)
+        self.covered: list[list[int]] = []  # sorted, disjoint [start, end)
+        self.base = base if base_len > 0 else None
+        self.base_len = base_len if base else 0
+
+    def write(self, offset: int, buf: memoryview) -> None:
+        end = offset + len(buf)
+        self.data[offset:end] = buf
+        merged, placed = [], False
+        for start, stop in self.covered:
+            if stop < offset or start > end:
+                merged.append([start, stop])
+            else:
+                offset, end = min(offset, start), max(end, stop)
+        for i, (start, _) in enumerate(merged):
+            if start > end:
+                merged.insert(i, [offset, end])
+                placed = True
+                break
+        if not placed:
+            merged.append([offset, end])
+        self.covered = merged
+
+    def covers(self, start: int, end: int) -> bool:
+        return any(s <= start and end <= e for s, e in self.covered)
+
+    def holes(self, length: int) -> list[tuple[int, int]]:
+        out, pos = [], 0
+        for start, stop in self.covered:
+            if start > pos:
+                out.append((pos, min(start, length)))
+            pos = max(pos, stop)
+            if pos >= length:
+                break
+        if pos < length:
+            out.append((pos, length))
+        return [(s, e) for s, e in out if s < e]
+
+    def fill(self, base_bytes: bytes) -> None:
+        """Copy base content into every uncovered byte; then the buffer is whole."""
+        for start, end in self.holes(min(self.base_len, len(base_bytes))):
+            self.data[start:end] = base_bytes[start:end]
+        self.covered = [[0, C]]
+        self.base = None
+
+    def truncate(self, length: int) -> None:
+        self.data[length:] = bytes(C - length)
+        self.covered = [[s, min(e, length)] for s, e in self.covered if s < length]
+        self.base_len = min(self.base_len, length)
+
+
+class _Sealing:
+    __slots__ = ("buffer", "done")
+
+    def __init__(self, buffer: _Buffer):
+        self.buffer = buffer
+        self.done = trio.Event()
+
+
+Entry = Union[_Buffer, _Sealing, ChunkRef, None]
+
+
+class ContentService:
+    """What every FileContent shares: tiers, metadata, limits, background nursery."""
+
+    def __init__(
+        self, meta: MetaStore, source: ChunkSource, meta_limiter: trio.CapacityLimiter,
+        on_committed: Callable[[list[str]], None], write_buffer_bytes: int,
+    ):
+        self.meta = meta
+        self.source = source
+        self.meta_limiter = meta_limiter
+        self.on_committed = on_committed
+        self.max_buffers = max(2, write_buffer_bytes // C)
+        self.buffers = 0
+        self.nursery: trio.Nursery | None = None
+
+
+class FileContent:
+    def __init__(self, service: ContentService, ino: int, size: int):
+        self.svc = service
+        self.ino = ino
+        self.size = size
+        self.entries: dict[int, Entry] = {}
+        self.cut: int | None = None
+        self.mtime_ns: int | None = None
+        self.dirty = False
+        self.lock = trio.Lock()
+        self._superseded: list[ChunkRef] = []
+
+    # ---- committed state -------------------------------------------------------
+    def _committed(self, index: int) -> tuple[ChunkRef | None, int]:
+        """The committed chunk at `index` and how many of its bytes still count."""
+        if self.cut is not None and index * C >= self.cut:
+            return None, 0  # no need to ask the metadata store
+        return self._visible(index, self.svc.meta.chunks(self.ino, index, index).get(index))
+
+    def _visible(self, index: int, ref: ChunkRef | None) -> tuple[ChunkRef | None, int]:
+        if ref is None or (self.cut is not None and index * C >= self.cut):
+            return None, 0
+        return ref, ref.length if self.cut is None else min(ref.length, self.cut - index * C)
+
+    # ---- reads -------------------------------------------------------------------
+    async def read(self, offset: int, size: int) -> bytes:
+        end = min(offset + size, self.size)
+        if offset >= end:
+            return b""
+        first, last = offset // C, (end - 1) // C
+        committed = self.svc.meta.chunks(self.ino, first, last)
+        out = bytearray()
+        pos = offset
+        while pos < end:
+            index, start = divmod(pos, C)
+            stop = min(C, end - index * C)
+            out += await self._read_piece(index, start, stop, committed)
+            pos = index * C + stop
+        return bytes(out)
+
+    async def _read_piece(self, index: int, start: int, stop: int, committed: dict[int, ChunkRef]) -> bytes:
+        entry = self.entries.get(index, _MISSING)
+        if isinstance(entry, _Sealing):
+            entry = entry.buffer
+        if isinstance(entry, _Buffer):
+            if not entry.covers(start, stop) and entry.base is not None:
+                base = await self.svc.source.read(entry.base, 0, entry.base.length)
+                entry.fill(base)
+            return bytes(entry.data[start:stop])
+        if entry is _MISSING:
+            ref, limit = self._visible(index, committed.get(index))
+        else:
+            ref, limit = entry, (entry.length if entry else 0)
+        data = b""
+        if ref is not None and start < limit:
+            data = await self.svc.source.read(ref, start, min(stop, limit) - start)
+        return data + bytes(stop - start - len(data))
+
+    # ---- writes ------------------------------------------------------------------
+    async def write(self, offset: int, buf: bytes) -> int:
+        view = memoryview(buf)
+        async with self.lock:
+            pos = 0
+            while pos < len(view):
+                index, start = divmod(offset + pos, C)
+                n = min(C - start, len(view) - pos)
+                buffer = await self._buffer_for(index)
+                buffer.write(start, view[pos:pos + n])
+                pos += n
+                if buffer.covers(0, C):
+                    self._seal_in_background(index, buffer)
+            self.size = max(self.size, offset + len(view))
+            self.mtime_ns = time.time_ns()
+            self.dirty = True
+        metrics.WRITE_BYTES.inc(len(view))
+        return len(view)
+
+    async def _settle(self, index: int) -> Entry | object:
+        entry = self.entries.get(index, _MISSING)
+        while isinstance(entry, _Sealing):
+            await entry.done.wait()
+            entry = self.entries.get(index, _MISSING)
+        return entry
+
+    async def _buffer_for(self, index: int) -> _Buffer:
+        entry = await self._settle(index)
+        if isinstance(entry, _Buffer):
+            return entry
+        if entry is _MISSING:
+            base, base_len = self._committed(index)
+        elif entry is None:
+            base, base_len = None, 0
+        else:
+            base, base_len = entry, entry.length
+            self._superseded.append(entry)
+        await self._respect_budget(index)
+        buffer = self.entries[index] = _Buffer(base, base_len)
+        self.svc.buffers += 1
+        return buffer
+
+    async def _respect_budget(self, keep: int) -> None:
+        """Over the write-buffer budget, seal this file's other buffers first."""
+        if self.svc.buffers < self.svc.max_buffers:
+            return
+        for index, entry in sorted(self.entries.items()):
+            if isinstance(entry, _Buffer) and index != keep:
+                self.entries[index] = await self._seal_buffer(index, entry)
+                if self.svc.buffers < self.svc.max_buffers:
+                    return
+
+    def _seal_in_background(self, index: int, buffer: _Buffer) -> None:
+        if self.svc.nursery is None:
+            return
+        sealing = self.entries[index] = _Sealing(buffer)
+        self.svc.nursery.start_soon(self._background_seal, index, sealing)
+
+    async def _background_seal(self, index: int, sealing: _Sealing) -> None:
+        try:
+            result: Entry = await self._seal_buffer(index, sealing.buffer)
+        except Exception:
+            log.exception("sealing a chunk failed; it stays buffered", extra={"ino": self.ino, "index": index})
+            result = sealing.buffer
+        finally:
+            sealing.done.set()
+        if self.entries.get(index) is sealing:
+            self.entries[index] = result
+
+    async def _seal_buffer(self, index: int, buffer: _Buffer) -> ChunkRef | None:
+        length = min(C, self.size - index * C)
+        if length <= 0:
+            self._drop_buffer()
+            return None
+        if not buffer.covers(0, length) and buffer.base is not None:
+            buffer.fill(await self.svc.source.read(buffer.base, 0, buffer.base.length))
+        # Bytes past `length` are always zero (writes never pass the size and
+        # truncate zeroes what it cuts), so one full-buffer compare finds holes.
+        if buffer.data == ZERO_CHUNK:
+            self._drop_buffer()
+            return None  # all zeros: a hole, stored as no chunk
+        ref = await self.svc.source.seal(memoryview(buffer.data)[:length])
+        self._drop_buffer()
+        return ref
+
+    def _drop_buffer(self) -> None:
+        self.svc.buffers -= 1
+
+    # ---- truncate ----------------------------------------------------------------
+    async def truncate(self, new_size: int) -> None:
+        async with self.lock:
+            if new_size < self.size:
+                self.cut = new_size if self.cut is None else min(self.cut, new_size)
+                keep = (new_size + C - 1) // C
+                for index in [i for i in self.entries if i >= keep]:
+                    entry = await self._settle(index)
+                    if isinstance(entry, _Buffer):
+                        self._drop_buffer()
+                    elif isinstance(entry, ChunkRef):
+                        self._superseded.append(entry)
+                    self.entries.pop(index, None)
+                if new_size % C:
+                    buffer = await self._buffer_for(new_size // C)
+                    buffer.truncate(new_size % C)
+            self.size = new_size
+            self.mtime_ns = time.time_ns()
+            self.dirty = True
+
+    # ---- commit ------------------------------------------------------------------
+    async def commit(self) -> None:
+        """Seal what is buffered and record it in one metadata transaction."""
+        async with self.lock:
+            if not self.dirty:
+                return
+            changes: dict[int, ChunkRef | None] = {}
+            for index in sorted(self.entries):
+                entry = await self._settle(index)
+                if isinstance(entry, _Buffer):
+                    entry = self.entries[index] = await self._seal_buffer(index, entry)
+                changes[index] = entry  # type: ignore[assignment]
+            drop_from = None if self.cut is None else (self.cut + C - 1) // C
+            new_chunks = await trio.to_thread.run_sync(
+                self.svc.meta.commit_content, self.ino, self.size, changes, self.mtime_ns, drop_from,
+                limiter=self.svc.meta_limiter,
+            )
+            metrics.COMMITS.inc()
+            self.svc.on_committed(new_chunks)  # pins them for upload before the seal pins go
+            for ref in [r for r in changes.values() if r is not None] + self._superseded:
+                self.svc.source.release(ref)
+            self.entries.clear()
+            self._superseded.clear()
+            self.cut = None
+            self.dirty = False
+
+    async def discard(self) -> None:
+        """Forget uncommitted state (the file was deleted while open)."""
+        async with self.lock:
+            for index in list(self.entries):
+                entry = await self._settle(index)
+                if isinstance(entry, _Buffer):
+                    self._drop_buffer()
+                elif isinstance(entry, ChunkRef):
+                    self.svc.source.release(entry)
+            for ref in self._superseded:
+                self.svc.source.release(ref)
+            self.entries.clear()
+            self._superseded.clear()
+            self.dirty = False

@@ -1,0 +1,307 @@
+"""The command line: mount, umount, status (and the inductor cache tools).
+
+User mistakes are `UsageError`s: one line on stderr, exit status 2, never a
+traceback. `mount` checks everything it can before it forks, so the common
+mistakes (missing mountpoint, already mounted, no /dev/fuse, state dir in use,
+bad sizes) fail in the foreground; the daemon then reports its own start-up
+over a pipe, and `mount` returns only once the filesystem is mounted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import __version__, config, logs, mounts
+from .errors import UsageError
+
+DEFAULT_UMOUNT_TIMEOUT_SECONDS = 120.0
+
+
+# ---- mount ----------------------------------------------------------------------------
+def _check_fuse_device() -> None:
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR)
+    except FileNotFoundError:
+        raise UsageError("/dev/fuse is missing: load the fuse kernel module (or run the container with --device /dev/fuse)") from None
+    except PermissionError:
+        raise UsageError("no permission to open /dev/fuse: run as root or add this user to the group that owns it") from None
+    os.close(fd)
+
+
+def _check_mountpoint(mountpoint: Path, state_dir: Path) -> None:
+    try:
+        st = os.stat(mountpoint)
+    except FileNotFoundError:
+        raise UsageError(f"mountpoint {mountpoint} does not exist") from None
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise UsageError(f"mountpoint {mountpoint}: {exc.strerror}") from None
+        _clear_dead_mount(mountpoint)
+        return
+    import stat
+
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"mountpoint {mountpoint} is not a directory")
+    info = mounts.find_mount(mountpoint)
+    if info is not None and info.fstype.startswith("fuse"):
+        where = f" (state dir {info.state_dir})" if info.state_dir else ""
+        raise UsageError(f"{mountpoint} is already mounted{where}: run 'datafs umount {mountpoint}' first")
+
+
+def _clear_dead_mount(mountpoint: Path) -> None:
+    """A daemon that died (e.g. SIGKILL) leaves its mount answering ENOTCONN;
+    detach it so the filesystem can be mounted again."""
+    info = mounts.find_mount(mountpoint)
+    if info is None or not info.is_datafs:
+        raise UsageError(f"mountpoint {mountpoint} is a disconnected mount of another filesystem")
+    _fusermount(mountpoint, lazy=True)
+
+
+def _fusermount(mountpoint: Path, lazy: bool = False) -> subprocess.CompletedProcess:
+    for tool in (["fusermount3", "-u"], ["fusermount", "-u"]):
+        try:
+            return subprocess.run(tool + (["-z"] if lazy else []) + [str(mountpoint)], capture_output=True, text=True)
+        except FileNotFoundError:
+            continue
+    return subprocess.run(["umount"] + (["-l"] if lazy else []) + [str(mountpoint)], capture_output=True, text=True)
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    settings = config.apply_overrides(config.from_env(), {
+        "mountpoint": args.mountpoint,
+        "state_dir": args.state_dir,
+        "store": args.store,
+        "cache_dir": args.cache_dir,
+        "cache_size_bytes": args.cache_size,
+        "foreground": True if args.foreground else None,
+        "log_level": args.log_level,
+        "s3_endpoint": args.s3_endpoint,
+        "metrics_address": args.metrics_address,
+    }).resolve()
+    assert settings.mountpoint is not None
+    if "," in str(settings.state_dir):
+        raise UsageError(f"state dir {settings.state_dir} must not contain a comma")
+    _check_mountpoint(settings.mountpoint, settings.state_dir)
+    _check_fuse_device()
+
+    from .daemon import Daemon  # heavy imports only once the arguments are good
+
+    daemon = Daemon(settings)
+    daemon.acquire_lock()
+    if settings.foreground:
+        logs.setup(settings.log_level, settings.log_format)
+        return _run_daemon(daemon)
+    return _spawn_daemon(daemon)
+
+
+def _run_daemon(daemon) -> int:
+    import trio
+
+    try:
+        daemon.prepare()
+        daemon.mount()
+        _serve_metrics(daemon.settings.metrics_address)
+        trio.run(daemon.run)
+    finally:
+        daemon.close()
+    return 0
+
+
+def _serve_metrics(address: str) -> None:
+    if not address:
+        return
+    from prometheus_client import start_http_server
+
+    host, _, port = address.rpartition(":")
+    start_http_server(int(port), addr=host or "127.0.0.1")
+
+
+def _spawn_daemon(daemon) -> int:
+    settings = daemon.settings
+    log_path = settings.state_dir / "datafs.log"
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_end)
+        os.setsid()
+        daemon.record_pid()
+        null = os.open(os.devnull, os.O_RDONLY)
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(null, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        logs.setup(settings.log_level, settings.log_format)
+        status = 0
+        try:
+            try:
+                daemon.prepare()
+                daemon.mount()
+                _serve_metrics(settings.metrics_address)
+            except UsageError as exc:
+                os.write(write_end, f"error:{exc}".encode())
+                raise
+            except Exception as exc:
+                os.write(write_end, f"error:the daemon failed to start ({exc}); see {log_path}".encode())
+                raise
+            os.write(write_end, b"ok")
+            os.close(write_end)
+            import trio
+
+            trio.run(daemon.run)
+        except BaseException:
+            import logging
+
+            logging.getLogger("datafs").exception("daemon stopped with an error")
+            status = 1
+        finally:
+            daemon.close()
+            os._exit(status)
+    os.close(write_end)
+    chunks = []
+    while True:
+        data = os.read(read_end, 4096)
+        if not data:
+            break
+        chunks.append(data)
+    os.close(read_end)
+    message = b"".join(chunks).decode(errors="replace")
+    if message == "ok":
+        return 0
+    if message.startswith("error:"):
+        raise UsageError(message[len("error:"):])
+    raise UsageError(f"the daemon exited during start-up; see {log_path}")
+
+
+# ---- umount ----------------------------------------------------------------------------
+def _datafs_mount(mountpoint: str) -> mounts.MountInfo:
+    path = Path(os.path.abspath(mountpoint))
+    info = mounts.find_mount(path)
+    if info is None:
+        raise UsageError(f"{path} is not mounted")
+    if not info.is_datafs:
+        raise UsageError(f"{path} is not a datafs mount (it is {info.fstype})")
+    return info
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from .daemon import read_daemon_pid
+
+    info = _datafs_mount(args.mountpoint)
+    pid = read_daemon_pid(info.state_dir) if info.state_dir else None
+    result = _fusermount(Path(info.mountpoint))
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        reason = detail[-1] if detail else f"exit status {result.returncode}"
+        if "busy" in reason.lower():
+            raise UsageError(f"{info.mountpoint} is busy: close the files and shells using it, then try again")
+        raise UsageError(f"cannot unmount {info.mountpoint}: {reason}")
+    if pid is None:
+        return 0
+    deadline = time.monotonic() + args.timeout
+    shown = False
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            raise UsageError(f"unmounted, but the daemon (pid {pid}) is still finishing after {args.timeout:.0f} s")
+        if not shown and sys.stderr.isatty() and time.monotonic() > deadline - args.timeout + 1:
+            print("waiting for the daemon to commit and exit...", file=sys.stderr)
+            shown = True
+        time.sleep(0.05)
+    return 0
+
+
+# ---- status ------------------------------------------------------------------------------
+def cmd_status(args: argparse.Namespace) -> int:
+    from .daemon import read_daemon_pid
+    from .meta.lmdb_kv import LmdbKV
+    from .meta.store import MetaStore
+
+    info = _datafs_mount(args.mountpoint)
+    assert info.state_dir is not None
+    kv = LmdbKV(str(info.state_dir / "meta"), readonly=True)
+    try:
+        meta = MetaStore(kv)
+        pending = meta.pending_uploads()
+        counts = meta.counts()
+    finally:
+        kv.close()
+    pid = read_daemon_pid(info.state_dir)
+    now_ns = time.time_ns()
+    oldest = max(((now_ns - p[2]) / 1e9 for p in pending), default=0.0)
+    print(f"mountpoint:       {info.mountpoint}")
+    print(f"state dir:        {info.state_dir}")
+    print(f"daemon:           {'running' if pid and _alive(pid) else 'not running'}" + (f" (pid {pid})" if pid else ""))
+    print(f"inodes:           {counts['inodes']}")
+    print(f"pending uploads:  {len(pending)} chunks, {sum(p[1] for p in pending)} bytes, oldest {oldest:.1f} s")
+    return 0
+
+
+# ---- entry point ----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="datafs", description="Shared model-storage filesystem for GPU fleets.")
+    parser.add_argument("--version", action="version", version=f"datafs {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    mount = sub.add_parser("mount", help="mount datafs (returns once the mount is ready)")
+    mount.add_argument("mountpoint", help="an existing empty directory, e.g. /data")
+    mount.add_argument("--state-dir", help="metadata, cache and embedded store (default /var/lib/datafs as root, else ~/.local/share/datafs)")
+    mount.add_argument("--store", help="object store URL: file:///PATH (default: STATE_DIR/store) or s3://BUCKET[/PREFIX]")
+    mount.add_argument("--s3-endpoint", help="S3 endpoint URL for MinIO, SeaweedFS, ... (default: AWS)")
+    mount.add_argument("--cache-dir", help="local chunk cache directory (default: STATE_DIR/cache)")
+    mount.add_argument("--cache-size", help="local cache byte limit, e.g. 50G (default 50G)")
+    mount.add_argument("--foreground", action="store_true", help="stay attached (for systemd and containers)")
+    mount.add_argument("--log-level", help="debug, info, warning (default) or error")
+    mount.add_argument("--metrics-address", help="serve Prometheus metrics on HOST:PORT")
+    mount.set_defaults(func=cmd_mount)
+
+    umount = sub.add_parser("umount", help="flush, unmount and wait for the daemon to exit")
+    umount.add_argument("mountpoint")
+    umount.add_argument("--timeout", type=float, default=DEFAULT_UMOUNT_TIMEOUT_SECONDS, help="seconds to wait for the daemon")
+    umount.set_defaults(func=cmd_umount)
+
+    status = sub.add_parser("status", help="show pending uploads and daemon state")
+    status.add_argument("mountpoint")
+    status.set_defaults(func=cmd_status)
+
+    try:
+        from .inductor_cli import add_parser as add_inductor
+    except ImportError:
+        pass
+    else:
+        add_inductor(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except UsageError as exc:
+        print(f"datafs: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

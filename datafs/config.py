@@ -1,0 +1,166 @@
+"""One typed settings model for the daemon and the CLI.
+
+Values come from defaults, then `DATAFS_*` environment variables, then command
+line flags (flags win). Every parse error is a `UsageError` with one clear line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+CHUNK_SIZE_BYTES = 4 * 1024 * 1024
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """Parse '50G', '512MiB', '1.5T' or a plain byte count (binary units)."""
+    match = _SIZE_RE.match(str(text))
+    if not match:
+        raise UsageError(f"invalid {what} {text!r}: expected a number with an optional unit K, M, G, T (e.g. 50G)")
+    number, unit, _ = match.groups()
+    value = int(float(number) * _UNITS[unit.lower()])
+    if value <= 0:
+        raise UsageError(f"invalid {what} {text!r}: must be greater than zero")
+    return value
+
+
+def parse_seconds(text: str, what: str = "duration") -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"invalid {what} {text!r}: expected a number of seconds") from None
+    if value < 0:
+        raise UsageError(f"invalid {what} {text!r}: must not be negative")
+    return value
+
+
+def default_state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/datafs")
+    return Path.home() / ".local" / "share" / "datafs"
+
+
+@dataclasses.dataclass
+class Settings:
+    """Everything a daemon needs to run. Paths are absolute after `resolve()`."""
+
+    mountpoint: Path | None = None
+    state_dir: Path = dataclasses.field(default_factory=default_state_dir)
+    store: str = ""  # URL; empty means file://<state_dir>/store
+    cache_dir: Path | None = None  # default <state_dir>/cache
+    cache_size_bytes: int = 50 << 30
+    cache_min_free_bytes: int = 1 << 30
+    foreground: bool = False
+    log_level: str = "warning"
+    log_format: str = "json"
+    # Kernel caching: attributes and entries are only changed through this
+    # mount on a single node, so short positive timeouts are safe and save a
+    # round trip per stat; negative entries are not cached (a file created on
+    # another node must appear at once once metadata is shared).
+    attr_timeout_seconds: float = 1.0
+    entry_timeout_seconds: float = 1.0
+    read_ahead_kb: int = 16384
+    write_buffer_bytes: int = 256 << 20
+    upload_concurrency: int = 16
+    chunk_wait_timeout_seconds: float = 300.0
+    metrics_address: str = ""  # host:port for the Prometheus endpoint; empty = off
+    s3_endpoint: str = ""
+    s3_region: str = ""
+
+    ENV_PREFIX = "DATAFS_"
+
+    @property
+    def lmdb_dir(self) -> Path:
+        return self.state_dir / "meta"
+
+    @property
+    def effective_cache_dir(self) -> Path:
+        return self.cache_dir or (self.state_dir / "cache")
+
+    @property
+    def spill_dir(self) -> Path:
+        return self.state_dir / "tmp"
+
+    @property
+    def store_url(self) -> str:
+        return self.store or f"file://{self.state_dir / 'store'}"
+
+    def resolve(self) -> "Settings":
+        self.state_dir = Path(os.path.abspath(os.path.expanduser(self.state_dir)))
+        if self.cache_dir is not None:
+            self.cache_dir = Path(os.path.abspath(os.path.expanduser(self.cache_dir)))
+        if self.mountpoint is not None:
+            self.mountpoint = Path(os.path.abspath(os.path.expanduser(self.mountpoint)))
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise UsageError(f"invalid log level {self.log_level!r}: use debug, info, warning or error")
+        if self.log_format not in ("json", "text"):
+            raise UsageError(f"invalid log format {self.log_format!r}: use json or text")
+        return self
+
+
+_CONVERTERS: dict[str, Any] = {
+    "state_dir": Path,
+    "cache_dir": Path,
+    "mountpoint": Path,
+    "cache_size_bytes": lambda v: parse_size(v, "cache size"),
+    "cache_min_free_bytes": lambda v: parse_size(v, "cache free-space floor"),
+    "write_buffer_bytes": lambda v: parse_size(v, "write buffer size"),
+    "foreground": lambda v: v.lower() in ("1", "true", "yes", "on"),
+    "attr_timeout_seconds": lambda v: parse_seconds(v, "attribute timeout"),
+    "entry_timeout_seconds": lambda v: parse_seconds(v, "entry timeout"),
+    "chunk_wait_timeout_seconds": lambda v: parse_seconds(v, "chunk wait timeout"),
+}
+
+# Environment names users write: DATAFS_CACHE_SIZE rather than DATAFS_CACHE_SIZE_BYTES.
+_ENV_ALIASES = {
+    "CACHE_SIZE": "cache_size_bytes",
+    "CACHE_MIN_FREE": "cache_min_free_bytes",
+    "WRITE_BUFFER": "write_buffer_bytes",
+    "ATTR_TIMEOUT": "attr_timeout_seconds",
+    "ENTRY_TIMEOUT": "entry_timeout_seconds",
+    "CHUNK_WAIT_TIMEOUT": "chunk_wait_timeout_seconds",
+}
+
+
+def _convert(name: str, raw: str) -> Any:
+    field = {f.name: f for f in dataclasses.fields(Settings)}[name]
+    if name in _CONVERTERS:
+        return _CONVERTERS[name](raw)
+    if field.type in ("int", int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise UsageError(f"invalid value {raw!r} for {name}: expected an integer") from None
+    return raw
+
+
+def from_env(environ: dict[str, str] | None = None) -> Settings:
+    """Settings from defaults overlaid with DATAFS_* variables."""
+    environ = os.environ if environ is None else environ
+    settings = Settings()
+    names = {f.name for f in dataclasses.fields(Settings)}
+    for key, raw in environ.items():
+        if not key.startswith(Settings.ENV_PREFIX) or key == "DATAFS_DATA_DIR":
+            continue
+        short = key[len(Settings.ENV_PREFIX):]
+        name = _ENV_ALIASES.get(short, short.lower())
+        if name in names:
+            setattr(settings, name, _convert(name, raw))
+    return settings
+
+
+def apply_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:
+    """Overlay CLI flags (already-parsed strings or values); None means 'not given'."""
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        setattr(settings, name, _convert(name, value) if isinstance(value, str) else value)
+    return settings

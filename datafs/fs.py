@@ -1,0 +1,420 @@
+"""The pyfuse3 Operations: thin, typed, and the only place that speaks errno.
+
+Every handler goes through `_fuse_op`, which turns `FsError`/`OSError` into the
+matching `FUSEError` and anything unexpected into EIO with a log line, so a bug
+never takes the daemon (and with it the kernel mount) down.
+
+Lifetime rules (pyfuse3's lookup-count contract): every reply that returns an
+entry (lookup, create, mkdir, mknod, symlink, link, each readdirplus entry)
+adds one to the inode's lookup count; `forget` takes them away. An inode whose
+last name is gone is only deleted once no lookup and no open handle remains, so
+a file unlinked while open stays readable and writable through its descriptors.
+
+Metadata writes are LMDB commits and run in a worker thread behind one limiter;
+metadata reads are memory-mapped and run inline.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import functools
+import itertools
+import logging
+import os
+import stat
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pyfuse3
+import trio
+
+from . import errors, metrics
+from .chunks.content import ContentService, FileContent
+from .meta.store import Inode, MetaStore
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE_BYTES = 1 << 20  # st_blksize: the I/O size tools like cp pick
+
+
+def _fuse_op(func: Callable[..., Any]) -> Callable[..., Any]:
+    name = func.__name__
+
+    @functools.wraps(func)
+    async def wrapper(self: "Operations", *args: Any) -> Any:
+        started = time.monotonic()
+        result = "ok"
+        try:
+            return await func(self, *args)
+        except pyfuse3.FUSEError as exc:
+            result = errno.errorcode.get(exc.errno, "error")
+            raise
+        except errors.FsError as exc:
+            result = errno.errorcode.get(exc.errno, "error")
+            if exc.errno == errno.EIO:
+                log.error("request failed", extra={"op": name, "args": _brief(args), "error": str(exc)})
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            result = errno.errorcode.get(code, "error")
+            if code not in (errno.ENOSPC, errno.EDQUOT):
+                log.error("request failed with an OS error", extra={"op": name, "args": _brief(args), "error": str(exc)})
+            raise pyfuse3.FUSEError(code) from None
+        except Exception:
+            result = "EIO"
+            log.exception("unexpected error in request", extra={"op": name, "args": _brief(args)})
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            metrics.FUSE_OPS.labels(name, result).inc()
+            metrics.FUSE_OP_SECONDS.labels(name).observe(time.monotonic() - started)
+
+    return wrapper
+
+
+def _brief(args: tuple) -> str:
+    return ", ".join(
+        f"<{len(a)} bytes>" if isinstance(a, (bytes, memoryview)) and len(a) > 64 else repr(a)
+        for a in args if not isinstance(a, pyfuse3.RequestContext)
+    )
+
+
+class _Handle:
+    __slots__ = ("ino", "content")
+
+    def __init__(self, ino: int, content: FileContent):
+        self.ino = ino
+        self.content = content
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(
+        self, meta: MetaStore, content: ContentService, meta_limiter: trio.CapacityLimiter, *,
+        statfs_path: Path, attr_timeout_seconds: float, entry_timeout_seconds: float,
+        on_inode_deleted: Callable[[], None] = lambda: None,
+    ):
+        super().__init__()
+        self.meta = meta
+        self.svc = content
+        self.meta_limiter = meta_limiter
+        self.statfs_path = statfs_path
+        self.attr_timeout = attr_timeout_seconds
+        self.entry_timeout = entry_timeout_seconds
+        self.on_inode_deleted = on_inode_deleted
+        self.lookups: collections.Counter[int] = collections.Counter()
+        self.open_count: collections.Counter[int] = collections.Counter()
+        self.contents: dict[int, FileContent] = {}
+        self.handles: dict[int, _Handle] = {}
+        self._fh = itertools.count(1)
+
+    # ---- helpers -----------------------------------------------------------------
+    async def _write(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=self.meta_limiter)
+
+    def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        content = self.contents.get(inode.ino)
+        size, mtime = inode.size, inode.mtime_ns
+        if content is not None and content.dirty:
+            size, mtime = content.size, content.mtime_ns or mtime
+        attrs.st_ino = inode.ino
+        attrs.generation = 0
+        attrs.entry_timeout = self.entry_timeout
+        attrs.attr_timeout = self.attr_timeout
+        attrs.st_mode = inode.mode
+        attrs.st_nlink = inode.nlink
+        attrs.st_uid = inode.uid
+        attrs.st_gid = inode.gid
+        attrs.st_rdev = inode.rdev
+        attrs.st_size = size
+        attrs.st_blksize = BLOCK_SIZE_BYTES
+        attrs.st_blocks = (size + 511) // 512
+        attrs.st_atime_ns = inode.atime_ns
+        attrs.st_mtime_ns = mtime
+        attrs.st_ctime_ns = inode.ctime_ns
+        return attrs
+
+    def _entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        self.lookups[inode.ino] += 1
+        return self._attrs(inode)
+
+    def _content(self, inode: Inode) -> FileContent:
+        content = self.contents.get(inode.ino)
+        if content is None:
+            content = self.contents[inode.ino] = FileContent(self.svc, inode.ino, inode.size)
+        return content
+
+    def _new_gid(self, parent: int, ctx: pyfuse3.RequestContext) -> tuple[int, bool]:
+        """Group of a new inode: the directory's if it is set-group-ID (as on ext4)."""
+        directory = self.meta.get_inode(parent)
+        if directory.mode & stat.S_ISGID:
+            return directory.gid, True
+        return ctx.gid, False
+
+    async def _mknode(self, parent: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext, **kwargs: Any) -> Inode:
+        gid, inherit = self._new_gid(parent, ctx)
+        if inherit and stat.S_ISDIR(mode):
+            mode |= stat.S_ISGID
+        # The kernel has already applied the umask (no FUSE_DONT_MASK without ACLs).
+        return await self._write(self.meta.mknode, parent, name, mode, ctx.uid, gid, **kwargs)
+
+    async def _maybe_delete(self, ino: int) -> None:
+        """Free an inode once it has no name, no lookup and no open handle."""
+        if self.lookups.get(ino, 0) > 0 or self.open_count.get(ino, 0) > 0:
+            return
+        content = self.contents.pop(ino, None)
+        try:
+            if content is not None:
+                await content.discard()
+            if await self._write(self.meta.delete_inode, ino):
+                self.on_inode_deleted()
+        except Exception:
+            log.exception("freeing an inode failed; it is retried at the next start", extra={"ino": ino})
+
+    # ---- lookups and attributes ----------------------------------------------------
+    @_fuse_op
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(self.meta.lookup(parent_inode, name))
+
+    @_fuse_op
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(self.meta.get_inode(inode))
+
+    @_fuse_op
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self.meta.get_inode(inode)
+        if fields.update_size:
+            if node.is_dir:
+                raise errors.IsDirectory(f"inode {inode}")
+            if not node.is_reg:
+                raise errors.Invalid(f"inode {inode} is not a regular file")
+            content = self._content(node)
+            await content.truncate(attr.st_size)
+            await content.commit()
+            if self.open_count.get(inode, 0) == 0 and not content.dirty:
+                self.contents.pop(inode, None)
+        changes: dict[str, int] = {}
+        if fields.update_mode:
+            changes["mode"] = attr.st_mode
+        if fields.update_uid:
+            changes["uid"] = attr.st_uid
+        if fields.update_gid:
+            changes["gid"] = attr.st_gid
+        if fields.update_atime:
+            changes["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            changes["mtime_ns"] = attr.st_mtime_ns
+            content = self.contents.get(inode)
+            if content is not None and content.dirty:
+                content.mtime_ns = attr.st_mtime_ns  # cp -p sets times before close
+        if fields.update_ctime:
+            changes["ctime_ns"] = attr.st_ctime_ns
+        if changes:
+            node = await self._write(self.meta.setattr, inode, **changes)
+        elif fields.update_size:
+            node = self.meta.get_inode(inode)
+        return self._attrs(node)
+
+    @_fuse_op
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.meta.readlink(inode)
+
+    # ---- namespace -----------------------------------------------------------------
+    @_fuse_op
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(await self._mknode(parent_inode, name, mode, ctx, rdev=rdev))
+
+    @_fuse_op
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(await self._mknode(parent_inode, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx))
+
+    @_fuse_op
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if len(target) > 4095:
+            raise errors.NameTooLong("symlink target longer than PATH_MAX")
+        return self._entry(await self._mknode(parent_inode, name, stat.S_IFLNK | 0o777, ctx, target=target))
+
+    @_fuse_op
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(await self._write(self.meta.link, inode, new_parent_inode, new_name))
+
+    @_fuse_op
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node = await self._write(self.meta.unlink, parent_inode, name)
+        if node.nlink == 0:
+            await self._maybe_delete(node.ino)
+
+    @_fuse_op
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node = await self._write(self.meta.unlink, parent_inode, name, directory=True)
+        await self._maybe_delete(node.ino)
+
+    @_fuse_op
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        replaced = await self._write(self.meta.rename, parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        if replaced is not None and replaced.nlink == 0:
+            await self._maybe_delete(replaced.ino)
+
+    def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        # Synchronous in pyfuse3 and must not raise: deletions go to the nursery.
+        for ino, count in inode_list:
+            left = self.lookups[ino] - count
+            if left > 0:
+                self.lookups[ino] = left
+                continue
+            self.lookups.pop(ino, None)
+            if self.open_count.get(ino, 0) == 0 and self.svc.nursery is not None:
+                try:
+                    if self.meta.get_inode(ino).nlink == 0:
+                        self.svc.nursery.start_soon(self._maybe_delete, ino)
+                except errors.NotFound:
+                    pass
+                except Exception:
+                    log.exception("forget failed", extra={"ino": ino})
+
+    # ---- directories -----------------------------------------------------------------
+    @_fuse_op
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if not self.meta.get_inode(inode).is_dir:
+            raise errors.NotDirectory(f"inode {inode}")
+        return inode
+
+    @_fuse_op
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        next_seq = start_id
+        while True:
+            batch = self.meta.readdir(fh, next_seq, 1024)
+            for seq, name, inode in batch:
+                if not pyfuse3.readdir_reply(token, name, self._attrs(inode), seq + 1):
+                    return
+                self.lookups[inode.ino] += 1
+                next_seq = seq + 1
+            if len(batch) < 1024:
+                return
+
+    @_fuse_op
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @_fuse_op
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await self._write(self.meta.sync)
+
+    # ---- files -------------------------------------------------------------------------
+    def _open_handle(self, inode: Inode) -> pyfuse3.FileInfo:
+        fh = next(self._fh)
+        self.handles[fh] = _Handle(inode.ino, self._content(inode))
+        self.open_count[inode.ino] += 1
+        # Every change to file content on this node passes through this kernel,
+        # so its page cache is never stale: keep it across opens.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @_fuse_op
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self.meta.get_inode(inode)
+        if node.is_dir:
+            raise errors.IsDirectory(f"inode {inode}")
+        return self._open_handle(node)
+
+    @_fuse_op
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        node = await self._mknode(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
+        return self._open_handle(node), self._entry(node)
+
+    def _handle(self, fh: int) -> _Handle:
+        handle = self.handles.get(fh)
+        if handle is None:
+            raise errors.BadHandle(f"file handle {fh}")
+        return handle
+
+    @_fuse_op
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self._handle(fh).content.read(off, size)
+
+    @_fuse_op
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self._handle(fh).content.write(off, buf)
+
+    @_fuse_op
+    async def flush(self, fh: int) -> None:
+        await self._handle(fh).content.commit()
+
+    @_fuse_op
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._handle(fh).content.commit()
+        await self._write(self.meta.sync)
+
+    @_fuse_op
+    async def release(self, fh: int) -> None:
+        handle = self.handles.pop(fh, None)
+        if handle is None:
+            return
+        try:
+            await handle.content.commit()
+        finally:
+            self.open_count[handle.ino] -= 1
+            if self.open_count[handle.ino] <= 0:
+                del self.open_count[handle.ino]
+                if not handle.content.dirty:
+                    self.contents.pop(handle.ino, None)
+                try:
+                    if self.meta.get_inode(handle.ino).nlink == 0:
+                        await self._maybe_delete(handle.ino)
+                except errors.NotFound:
+                    pass
+
+    # ---- filesystem -----------------------------------------------------------------------
+    @_fuse_op
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        disk = os.statvfs(self.statfs_path)
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = disk.f_bsize
+        out.f_frsize = disk.f_frsize
+        out.f_blocks = disk.f_blocks
+        out.f_bfree = disk.f_bfree
+        out.f_bavail = disk.f_bavail
+        used = self.meta.counts()["inodes"]
+        out.f_files = max(disk.f_files, used + disk.f_ffree)
+        out.f_ffree = out.f_files - used
+        out.f_favail = out.f_ffree
+        out.f_namemax = 255
+        return out
+
+    @_fuse_op
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        # Permission checks are the kernel's (default_permissions); this only
+        # has to confirm the inode exists.
+        self.meta.get_inode(inode)
+        return True
+
+    # ---- xattrs ---------------------------------------------------------------------------
+    @_fuse_op
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.meta.getxattr(inode, name)
+
+    @_fuse_op
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._write(self.meta.setxattr, inode, name, value)
+
+    @_fuse_op
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        self.meta.get_inode(inode)
+        return self.meta.listxattr(inode)
+
+    @_fuse_op
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._write(self.meta.removexattr, inode, name)
+
+    # ---- shutdown -------------------------------------------------------------------------
+    async def commit_all(self) -> None:
+        """Commit every file with uncommitted writes (clean unmount, SIGTERM)."""
+        for content in list(self.contents.values()):
+            try:
+                await content.commit()
+            except Exception:
+                log.exception("commit at shutdown failed", extra={"ino": content.ino})

@@ -1,0 +1,28 @@
+"""Every Prometheus metric datafs exports, in one place.
+
+Names carry the `datafs_` prefix and base units; label sets are small and fixed
+(`tier`, `op`, `result`). The daemon serves them on --metrics-address.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+FUSE_OPS = Counter("datafs_fuse_ops_total", "FUSE requests handled", ["op", "result"])
+FUSE_OP_SECONDS = Histogram(
+    "datafs_fuse_op_seconds", "FUSE request latency", ["op"],
+    buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
+)
+READ_BYTES = Counter("datafs_read_bytes_total", "Bytes returned to readers, by the tier that served them", ["tier"])
+WRITE_BYTES = Counter("datafs_write_bytes_total", "Bytes accepted from writers")
+CHUNK_FETCHES = Counter("datafs_chunk_fetches_total", "Chunks fetched into the local cache", ["tier", "result"])
+CHUNK_FETCH_SECONDS = Histogram("datafs_chunk_fetch_seconds", "Time to fetch one chunk", ["tier"])
+CHUNKS_SEALED = Counter("datafs_chunks_sealed_total", "Chunks hashed and written to the local cache")
+COMMITS = Counter("datafs_commits_total", "File content commits to the metadata store")
+CACHE_BYTES = Gauge("datafs_cache_bytes", "Bytes of chunks in the local cache")
+CACHE_EVICTIONS = Counter("datafs_cache_evictions_total", "Chunks evicted from the local cache")
+UPLOADS = Counter("datafs_uploads_total", "Chunk uploads to the object store", ["result"])
+UPLOAD_BYTES = Counter("datafs_upload_bytes_total", "Bytes uploaded to the object store")
+UPLOADS_PENDING = Gauge("datafs_uploads_pending", "Committed chunks not yet in the object store")
+UPLOAD_SECONDS = Histogram("datafs_upload_seconds", "Time to upload one chunk")
+GC_CHUNKS = Counter("datafs_gc_chunks_total", "Unreferenced chunks deleted")

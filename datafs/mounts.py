@@ -1,0 +1,44 @@
+"""Reading the kernel's mount table, so the CLI can tell what is mounted where."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+
+@dataclasses.dataclass
+class MountInfo:
+    mountpoint: str
+    fstype: str
+    source: str
+    device: str  # "major:minor"
+
+    @property
+    def is_datafs(self) -> bool:
+        return self.fstype in ("fuse.datafs", "fuse") and self.source.startswith("datafs")
+
+    @property
+    def state_dir(self) -> Path | None:
+        """datafs mounts carry their state dir in the source field: datafs:/var/lib/datafs."""
+        prefix = "datafs:"
+        return Path(self.source[len(prefix):]) if self.source.startswith(prefix) else None
+
+
+def _unescape(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def find_mount(path: Path | str) -> MountInfo | None:
+    """The mount whose mount point is exactly `path` (the last one, if stacked)."""
+    target = os.path.abspath(path)
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, rest = left.split(), right.split()
+            if len(fields) < 5 or len(rest) < 2:
+                continue
+            if _unescape(fields[4]) == target:
+                found = MountInfo(_unescape(fields[4]), rest[0], _unescape(rest[1]), fields[2])
+    return found

@@ -1,0 +1,127 @@
+"""The read-through chain and the sealing of new chunks.
+
+A chunk is looked for in the local cache, then fetched from the object store
+(peers slot in before the store). A fetch is single-flight: concurrent readers
+of one chunk share one request. Every fetched chunk is verified against its
+BLAKE3 id before it is cached or returned; a mismatch is logged loudly and
+fetched again. A chunk that metadata references but the store does not have
+yet (still uploading from another node) is polled for with backoff until
+`wait_timeout_seconds`, then the read fails with EIO.
+
+Sealing is the write side: hash a buffer, pin the id in the cache (so nothing
+evicts or garbage-collects it before the metadata commit), store it.
+
+All blocking work runs in worker threads, each resource behind its own limiter.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+import trio
+
+from .. import errors, metrics
+from ..chunks import chunk_id as hash_chunk
+from ..chunks.cache import ChunkCache
+from ..meta.store import ChunkRef
+from .store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+class ChunkSource:
+    def __init__(
+        self, cache: ChunkCache, store: ObjectStore, *,
+        wait_timeout_seconds: float = 300.0, fetch_concurrency: int = 16, disk_concurrency: int = 8,
+    ):
+        self.cache = cache
+        self.store = store
+        self.wait_timeout_seconds = wait_timeout_seconds
+        self.disk_limiter = trio.CapacityLimiter(disk_concurrency)
+        self.store_limiter = trio.CapacityLimiter(fetch_concurrency)
+        self._inflight: dict[str, trio.Event] = {}
+        # Chunks the garbage collector is deleting right now: a seal of the
+        # same id waits until the deletion is done, then writes it afresh.
+        self.deleting: dict[str, trio.Event] = {}
+
+    # ---- reads -----------------------------------------------------------------
+    async def read(self, ref: ChunkRef, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size) of a chunk (shorter if the chunk is)."""
+        end = min(offset + size, ref.length)
+        if offset >= end:
+            return b""
+        data = await trio.to_thread.run_sync(self.cache.read, ref.chunk_id, offset, end - offset, limiter=self.disk_limiter)
+        if data is not None:
+            metrics.READ_BYTES.labels("cache").inc(len(data))
+            return data
+        whole = await self.fetch(ref)
+        metrics.READ_BYTES.labels(self.store.tier).inc(end - offset)
+        return whole[offset:end]
+
+    async def fetch(self, ref: ChunkRef) -> bytes:
+        """Bring a chunk into the cache (single-flight) and return its bytes."""
+        while True:
+            event = self._inflight.get(ref.chunk_id)
+            if event is None:
+                break
+            await event.wait()
+            data = await trio.to_thread.run_sync(self.cache.read, ref.chunk_id, 0, ref.length, limiter=self.disk_limiter)
+            if data is not None:
+                return data
+        event = self._inflight[ref.chunk_id] = trio.Event()
+        try:
+            data = await self._fetch_verified(ref)
+            await trio.to_thread.run_sync(self.cache.put, ref.chunk_id, data, limiter=self.disk_limiter)
+            return data
+        finally:
+            del self._inflight[ref.chunk_id]
+            event.set()
+
+    async def _fetch_verified(self, ref: ChunkRef) -> bytes:
+        deadline = time.monotonic() + self.wait_timeout_seconds
+        delay = 0.05
+        while True:
+            started = time.monotonic()
+            try:
+                data = await trio.to_thread.run_sync(self.store.get, ref.chunk_id, limiter=self.store_limiter)
+                actual = await trio.to_thread.run_sync(hash_chunk, data, limiter=self.disk_limiter)
+                if actual != ref.chunk_id:
+                    metrics.CHUNK_FETCHES.labels(self.store.tier, "corrupt").inc()
+                    log.error(
+                        "chunk failed verification, fetching again",
+                        extra={"chunk": ref.chunk_id, "actual": actual, "tier": self.store.tier, "size_bytes": len(data)},
+                    )
+                    raise errors.ChunkCorrupt(ref.chunk_id, self.store.describe())
+                metrics.CHUNK_FETCHES.labels(self.store.tier, "ok").inc()
+                metrics.CHUNK_FETCH_SECONDS.labels(self.store.tier).observe(time.monotonic() - started)
+                return data
+            except errors.StoreError as exc:
+                if not exc.temporary or time.monotonic() + delay > deadline:
+                    metrics.CHUNK_FETCHES.labels(self.store.tier, "error").inc()
+                    log.error("chunk unavailable", extra={"chunk": ref.chunk_id, "error": str(exc)})
+                    raise errors.FsError(f"chunk {ref.chunk_id}: {exc}") from exc
+                if isinstance(exc, errors.ChunkMissing):
+                    log.info("waiting for chunk to appear in the object store", extra={"chunk": ref.chunk_id})
+                await trio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 5.0)
+
+    # ---- writes ------------------------------------------------------------------
+    async def seal(self, data: bytes | bytearray | memoryview) -> ChunkRef:
+        """Hash and store a chunk in the local cache; the returned id is pinned
+        until the caller passes it to `release` after the metadata commit."""
+        chunk = await trio.to_thread.run_sync(hash_chunk, data, limiter=self.disk_limiter)
+        self.cache.pin(chunk)
+        try:
+            while chunk in self.deleting:
+                await self.deleting[chunk].wait()
+            await trio.to_thread.run_sync(self.cache.put, chunk, data, limiter=self.disk_limiter)
+        except BaseException:
+            self.cache.unpin(chunk)
+            raise
+        metrics.CHUNKS_SEALED.inc()
+        return ChunkRef(chunk, len(data))
+
+    def release(self, ref: ChunkRef) -> None:
+        self.cache.unpin(ref.chunk_id)

@@ -1,0 +1,79 @@
+"""The embedded default object store: a directory, for one node with no server.
+
+It usually shares a disk with the chunk cache, so `put_file` hard-links the
+cache file instead of copying it: each byte written is on disk once, and the
+cache can evict its name while the store keeps the data. Across filesystems it
+falls back to copy, fsync, rename.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from ..errors import ChunkMissing, StoreError, UsageError
+from .store import ObjectStore, object_key
+
+
+class FileStore(ObjectStore):
+    tier = "store"
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def describe(self) -> str:
+        return f"file://{self.root}"
+
+    def check(self) -> None:
+        try:
+            (self.root / "chunks").mkdir(parents=True, exist_ok=True)
+            (self.root / "tmp").mkdir(exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot use store directory {self.root}: {exc.strerror}") from None
+        if not os.access(self.root, os.W_OK):
+            raise UsageError(f"store directory {self.root} is not writable")
+
+    def _path(self, chunk_id: str) -> Path:
+        return self.root / object_key(chunk_id)
+
+    def put_file(self, chunk_id: str, path: Path) -> None:
+        final = self._path(chunk_id)
+        if final.exists():
+            return
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / "tmp" / uuid.uuid4().hex
+        try:
+            try:
+                os.link(path, tmp)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                    raise
+                with open(path, "rb") as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                    dst.flush()
+                    os.fsync(dst.fileno())
+            os.rename(tmp, final)
+        except FileNotFoundError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"chunk file {path} vanished before upload: {exc}", temporary=False) from None
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"writing {final}: {exc}", temporary=True) from None
+
+    def get(self, chunk_id: str) -> bytes:
+        try:
+            with open(self._path(chunk_id), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise ChunkMissing(chunk_id) from None
+        except OSError as exc:
+            raise StoreError(f"reading chunk {chunk_id}: {exc}", temporary=True) from None
+
+    def exists(self, chunk_id: str) -> bool:
+        return self._path(chunk_id).exists()
+
+    def delete(self, chunk_id: str) -> None:
+        self._path(chunk_id).unlink(missing_ok=True)

@@ -1,0 +1,166 @@
+"""Background upload of committed chunks, and garbage collection of unreferenced ones.
+
+Durability order: a chunk is in the local cache (fsynced) before the metadata
+commit that references it, and that same commit records it as pending upload.
+So the pending set lives in the metadata store: a crash or restart loses
+nothing, and `Uploader.run` resumes whatever is pending. A pending chunk stays
+pinned in the cache until the store has it. Uploads never give up on a
+committed chunk: temporary and permanent failures alike are retried with capped
+exponential backoff and jitter, and reported in logs, metrics and `status`.
+
+The collector deletes chunks whose reference count fell to zero. It skips
+pinned chunks (being sealed for a new commit, or uploading), and marks the ones
+it is deleting so a concurrent seal of the same bytes waits and writes afresh.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import time
+
+import trio
+
+from . import errors, metrics
+from .chunks.cache import ChunkCache
+from .meta.store import MetaStore
+from .tiers.chain import ChunkSource
+from .tiers.store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_SECONDS = 60.0
+
+
+class Uploader:
+    def __init__(self, meta: MetaStore, cache: ChunkCache, store: ObjectStore, meta_limiter: trio.CapacityLimiter, concurrency: int = 16):
+        self.meta = meta
+        self.cache = cache
+        self.store = store
+        self.meta_limiter = meta_limiter
+        self.concurrency = concurrency
+        self.limiter = trio.CapacityLimiter(concurrency)
+        self._queue: collections.deque[str] = collections.deque()
+        self._queued: set[str] = set()
+        self._wake = trio.Event()
+        self._progress = trio.Event()
+        self.failing: dict[str, str] = {}
+        self.uploaded_bytes = 0
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._queued)
+
+    def enqueue(self, chunk_ids: list[str]) -> None:
+        """Queue newly committed chunks; pins them until they are uploaded."""
+        for chunk in chunk_ids:
+            if chunk in self._queued:
+                continue
+            self.cache.pin(chunk)
+            self._queued.add(chunk)
+            self._queue.append(chunk)
+        metrics.UPLOADS_PENDING.set(len(self._queued))
+        if chunk_ids:
+            self._wake.set()
+
+    async def wait_idle(self) -> None:
+        """Return once nothing is pending (used by sync and clean shutdown)."""
+        while self._queued:
+            await self._progress.wait()
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        pending = await trio.to_thread.run_sync(self.meta.pending_uploads, limiter=self.meta_limiter)
+        if pending:
+            log.info("resuming pending uploads", extra={"chunks": len(pending), "size_bytes": sum(p[1] for p in pending)})
+        self.enqueue([chunk for chunk, _, _ in pending])
+        send, receive = trio.open_memory_channel[str](self.concurrency)
+        async with trio.open_nursery() as nursery:
+            for _ in range(self.concurrency):
+                nursery.start_soon(self._worker, receive.clone())
+            task_status.started()
+            async with send:
+                while True:
+                    while self._queue:
+                        await send.send(self._queue.popleft())
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+
+    async def _worker(self, receive: trio.MemoryReceiveChannel[str]) -> None:
+        async with receive:
+            async for chunk in receive:
+                await self._upload(chunk)
+                self._queued.discard(chunk)
+                self.cache.unpin(chunk)
+                metrics.UPLOADS_PENDING.set(len(self._queued))
+                self._progress.set()
+                self._progress = trio.Event()
+
+    async def _upload(self, chunk: str) -> None:
+        delay = 0.2
+        while True:
+            started = time.monotonic()
+            try:
+                if not await trio.to_thread.run_sync(self.store.exists, chunk, limiter=self.limiter):
+                    path = self.cache.path(chunk)
+                    size = path.stat().st_size
+                    await trio.to_thread.run_sync(self.store.put_file, chunk, path, limiter=self.limiter)
+                    metrics.UPLOAD_BYTES.inc(size)
+                    self.uploaded_bytes += size
+                await trio.to_thread.run_sync(self.meta.mark_uploaded, [chunk], limiter=self.meta_limiter)
+                metrics.UPLOADS.labels("ok").inc()
+                metrics.UPLOAD_SECONDS.observe(time.monotonic() - started)
+                if self.failing.pop(chunk, None) is not None:
+                    log.warning("chunk upload recovered", extra={"chunk": chunk})
+                return
+            except (errors.StoreError, OSError) as exc:
+                metrics.UPLOADS.labels("error").inc()
+                first = chunk not in self.failing
+                self.failing[chunk] = str(exc)
+                (log.warning if first else log.debug)(
+                    "chunk upload failed, will retry", extra={"chunk": chunk, "error": str(exc), "retry_in_seconds": round(delay, 2)}
+                )
+                await trio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, MAX_BACKOFF_SECONDS)
+
+
+class Collector:
+    """Deletes chunks no file references any more, from the cache and the store."""
+
+    def __init__(self, meta: MetaStore, source: ChunkSource, meta_limiter: trio.CapacityLimiter, interval_seconds: float = 30.0):
+        self.meta = meta
+        self.source = source
+        self.meta_limiter = meta_limiter
+        self.interval_seconds = interval_seconds
+        self._wake = trio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await self.collect()
+            with trio.move_on_after(self.interval_seconds):
+                await self._wake.wait()
+            self._wake = trio.Event()
+
+    async def collect(self) -> int:
+        deleted = 0
+        cache, store = self.source.cache, self.source.store
+        for chunk in await trio.to_thread.run_sync(self.meta.garbage, limiter=self.meta_limiter):
+            if cache.is_pinned(chunk) or chunk in self.source.deleting:
+                continue
+            done = self.source.deleting[chunk] = trio.Event()
+            try:
+                if await trio.to_thread.run_sync(self.meta.drop_chunk_if_unreferenced, chunk, limiter=self.meta_limiter):
+                    await trio.to_thread.run_sync(cache.remove, chunk)
+                    await trio.to_thread.run_sync(store.delete, chunk)
+                    metrics.GC_CHUNKS.inc()
+                    deleted += 1
+            except (errors.StoreError, OSError) as exc:
+                log.warning("garbage collection of a chunk failed", extra={"chunk": chunk, "error": str(exc)})
+            finally:
+                del self.source.deleting[chunk]
+                done.set()
+        return deleted
