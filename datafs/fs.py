@@ -54,17 +54,17 @@ def _fuse_op(func: Callable[..., Any]) -> Callable[..., Any]:
         except errors.FsError as exc:
             result = errno.errorcode.get(exc.errno, "error")
             if exc.errno == errno.EIO:
-                log.error("request failed", extra={"op": name, "args": _brief(args), "error": str(exc)})
+                log.error("request failed", extra={"op": name, "request": _brief(args), "error": str(exc)})
             raise pyfuse3.FUSEError(exc.errno) from None
         except OSError as exc:
             code = exc.errno or errno.EIO
             result = errno.errorcode.get(code, "error")
             if code not in (errno.ENOSPC, errno.EDQUOT):
-                log.error("request failed with an OS error", extra={"op": name, "args": _brief(args), "error": str(exc)})
+                log.error("request failed with an OS error", extra={"op": name, "request": _brief(args), "error": str(exc)})
             raise pyfuse3.FUSEError(code) from None
         except Exception:
             result = "EIO"
-            log.exception("unexpected error in request", extra={"op": name, "args": _brief(args)})
+            log.exception("unexpected error in request", extra={"op": name, "request": _brief(args)})
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
             metrics.FUSE_OPS.labels(name, result).inc()

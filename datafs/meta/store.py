@@ -495,7 +495,7 @@ class MetaStore:
             tx = _Tx(t)
             inode = tx.inode(ino)
             if mode is not None:
-                inode.mode = (inode.mode & stat.S_IFMT) | stat.S_IMODE(mode)
+                inode.mode = stat.S_IFMT(inode.mode) | stat.S_IMODE(mode)
             if uid is not None or gid is not None:
                 if uid is not None:
                     inode.uid = uid
@@ -552,10 +552,9 @@ class MetaStore:
             tx = _Tx(t)
             inode = tx.inode(ino)
             end_index = (size + CHUNK_SIZE_BYTES - 1) // CHUNK_SIZE_BYTES
-            if drop_from is not None:
-                end_index = min(end_index, drop_from)
+            first_dropped = end_index if drop_from is None else min(end_index, drop_from)
             prefix = b"c" + _u64(ino)
-            for key, value in list(t.scan(prefix, prefix + _u64(end_index))):
+            for key, value in list(t.scan(prefix, prefix + _u64(first_dropped))):
                 t.delete(key)
                 tx.decref(value[:32])
             for index in sorted(changes):

@@ -1,0 +1,139 @@
+"""Shared fixtures: real datafs mounts through FUSE, driven by the real CLI.
+
+A mount is started with `python -m datafs mount` (the daemon forks and the
+command returns once the kernel mount is up) and always torn down: `datafs
+umount`, then, if that failed, SIGKILL of the daemon by PID and a lazy unmount.
+A missing /dev/fuse fails the tests that need a mount: it must never be skipped
+in CI, where a skip would hide a broken product.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("DATAFS_")}
+    full_env.update(env or {})
+    result = subprocess.run(
+        [sys.executable, "-m", "datafs", *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"datafs {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
+    return result
+
+
+@dataclasses.dataclass
+class Mount:
+    path: Path
+    state_dir: Path
+    extra_args: list[str] = dataclasses.field(default_factory=list)
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def pid(self) -> int | None:
+        try:
+            return int((self.state_dir / "daemon.lock").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    @property
+    def log(self) -> str:
+        try:
+            return (self.state_dir / "datafs.log").read_text()
+        except OSError:
+            return ""
+
+    def mount(self) -> "Mount":
+        if not os.path.exists("/dev/fuse"):
+            pytest.fail("/dev/fuse is missing: real-mount tests cannot run (they must not be skipped)")
+        run_cli("mount", str(self.path), "--state-dir", str(self.state_dir), *self.extra_args, env=self.env)
+        return self
+
+    def umount(self) -> None:
+        run_cli("umount", str(self.path))
+
+    def remount(self) -> "Mount":
+        self.umount()
+        return self.mount()
+
+    def kill(self) -> None:
+        """SIGKILL the daemon, as a crash would; the kernel mount is left dead."""
+        pid = self.pid
+        assert pid, "daemon pid unknown"
+        os.kill(pid, signal.SIGKILL)
+        _wait_gone(pid)
+
+    def cleanup(self) -> None:
+        if self._mounted_in_table():
+            result = run_cli("umount", str(self.path), check=False, timeout=60)
+            if result.returncode != 0:
+                pid = self.pid
+                if pid:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    _wait_gone(pid)
+                subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True)
+        pid = self.pid
+        if pid and _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            _wait_gone(pid)
+
+    def _mounted_in_table(self) -> bool:
+        target = f" {self.path} "
+        with open("/proc/self/mountinfo") as f:
+            return any(target in line for line in f)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_gone(pid: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def mount_factory(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
+    """Make any number of mounts, each with its own mountpoint and state dir."""
+    made: list[Mount] = []
+
+    def make(name: str = "node", extra_args: list[str] | None = None, env: dict[str, str] | None = None,
+             state_dir: Path | None = None) -> Mount:
+        path = tmp_path / f"{name}-mnt"
+        path.mkdir(exist_ok=True)
+        mount = Mount(path, state_dir or tmp_path / f"{name}-state", list(extra_args or []), dict(env or {}))
+        made.append(mount)
+        return mount.mount()
+
+    yield make
+    for mount in reversed(made):
+        mount.cleanup()
+
+
+@pytest.fixture
+def datafs_mount(mount_factory: Callable[..., Mount]) -> Mount:
+    return mount_factory()

@@ -1,0 +1,306 @@
+"""The Operations class called directly (no kernel), over the in-memory metadata
+engine and stores that fail on purpose: the errno contract at the FUSE
+boundary, read-through verification, waiting for chunks, upload retries, GC."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyfuse3
+import pytest
+import trio
+
+from datafs.chunks import chunk_id
+from datafs.chunks.cache import ChunkCache
+from datafs.chunks.content import ContentService
+from datafs.config import CHUNK_SIZE_BYTES as C
+from datafs.errors import ChunkMissing, StoreError
+from datafs.fs import Operations
+from datafs.meta.kv import open_kv
+from datafs.meta.store import ROOT_INODE, MetaStore
+from datafs.tiers.chain import ChunkSource
+from datafs.tiers.file_store import FileStore
+from datafs.upload import Collector, Uploader
+
+
+class FaultyStore(FileStore):
+    """A file:// store with switches for the failures real stores have."""
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        self.put_failures = 0
+        self.get_missing = 0
+        self.corrupt_gets = 0
+        self.crash_gets = False
+        self.puts = 0
+
+    def put_file(self, chunk, path):
+        if self.put_failures:
+            self.put_failures -= 1
+            raise StoreError("503 SlowDown", temporary=True)
+        self.puts += 1
+        super().put_file(chunk, path)
+
+    def get(self, chunk):
+        if self.crash_gets:
+            raise RuntimeError("bug in a tier")
+        if self.get_missing:
+            self.get_missing -= 1
+            raise ChunkMissing(chunk)
+        data = super().get(chunk)
+        if self.corrupt_gets:
+            self.corrupt_gets -= 1
+            return b"X" + data[1:]
+        return data
+
+
+class Ctx:
+    uid = os.getuid()
+    gid = os.getgid()
+    pid = os.getpid()
+    umask = 0o022
+
+
+class Stack:
+    def __init__(self, tmp: Path, nursery: trio.Nursery, wait_timeout: float = 5.0):
+        self.meta = MetaStore(open_kv("memory://"))
+        self.meta.init_root()
+        self.store = FaultyStore(tmp / "store")
+        self.store.check()
+        self.cache = ChunkCache(tmp / "cache", 1 << 40, 0)
+        self.cache.open()
+        limiter = trio.CapacityLimiter(1)
+        self.source = ChunkSource(self.cache, self.store, wait_timeout_seconds=wait_timeout)
+        self.uploader = Uploader(self.meta, self.cache, self.store, limiter, concurrency=4)
+        self.collector = Collector(self.meta, self.source, limiter, interval_seconds=3600)
+        self.svc = ContentService(self.meta, self.source, limiter, self.uploader.enqueue, 64 << 20)
+        self.svc.nursery = nursery
+        self.ops = Operations(
+            self.meta, self.svc, limiter, statfs_path=tmp, attr_timeout_seconds=1, entry_timeout_seconds=1,
+            on_inode_deleted=self.collector.wake,
+        )
+
+    async def write_file(self, name: bytes, data: bytes) -> int:
+        fi, attrs = await self.ops.create(ROOT_INODE, name, 0o644, os.O_RDWR, Ctx())
+        for off in range(0, len(data), 128 << 10):
+            await self.ops.write(fi.fh, off, data[off:off + (128 << 10)])
+        await self.ops.flush(fi.fh)
+        await self.ops.release(fi.fh)
+        return attrs.st_ino
+
+    async def read_file(self, ino: int) -> bytes:
+        fi = await self.ops.open(ino, os.O_RDONLY, Ctx())
+        size = (await self.ops.getattr(ino, Ctx())).st_size
+        out = bytearray()
+        while len(out) < size:
+            out += await self.ops.read(fi.fh, len(out), 1 << 20)
+        await self.ops.release(fi.fh)
+        return bytes(out)
+
+    def evict_all(self) -> None:
+        for chunk in self.cache.ids():
+            self.cache.remove(chunk)
+
+
+@pytest.fixture
+async def stack(tmp_path, nursery):
+    s = Stack(tmp_path, nursery)
+    await nursery.start(s.uploader.run)
+    return s
+
+
+async def test_round_trip_across_chunk_boundaries(stack):
+    data = os.urandom(2 * C + 12345)
+    ino = await stack.write_file(b"f", data)
+    assert await stack.read_file(ino) == data
+    await stack.uploader.wait_idle()
+    stack.evict_all()  # now every read goes to the store and is verified
+    assert await stack.read_file(ino) == data
+
+
+async def test_overwrite_inside_chunk_reads_old_bytes_around_it(stack):
+    data = bytearray(os.urandom(C + 100))
+    ino = await stack.write_file(b"f", bytes(data))
+    await stack.uploader.wait_idle()
+    stack.evict_all()
+    fi = await stack.ops.open(ino, os.O_RDWR, Ctx())
+    await stack.ops.write(fi.fh, C - 2, b"abcd")
+    data[C - 2:C + 2] = b"abcd"
+    assert await stack.ops.read(fi.fh, C - 10, 20) == bytes(data[C - 10:C + 10])  # before commit
+    await stack.ops.release(fi.fh)
+    assert await stack.read_file(ino) == bytes(data)
+
+
+async def test_truncate_then_extend_reads_zeros(stack):
+    data = os.urandom(C + 500)
+    ino = await stack.write_file(b"f", data)
+    attrs = pyfuse3.EntryAttributes()
+    fields = SimpleNamespace(
+        update_size=True, update_mode=False, update_uid=False, update_gid=False,
+        update_atime=False, update_mtime=False, update_ctime=False,
+    )
+    attrs.st_size = 100
+    await stack.ops.setattr(ino, attrs, fields, None, Ctx())
+    attrs.st_size = C + 10
+    await stack.ops.setattr(ino, attrs, fields, None, Ctx())
+    assert await stack.read_file(ino) == data[:100] + bytes(C + 10 - 100)
+
+
+async def test_zero_chunks_are_stored_as_holes(stack):
+    ino = await stack.write_file(b"zeros", bytes(2 * C))
+    assert stack.meta.chunks(ino, 0, 10) == {}
+    assert await stack.read_file(ino) == bytes(2 * C)
+
+
+async def test_identical_files_share_chunks(stack):
+    data = os.urandom(C + 7)
+    await stack.write_file(b"a", data)
+    await stack.write_file(b"b", data)
+    await stack.uploader.wait_idle()
+    assert stack.store.puts == 2
+    assert len(stack.cache.ids()) == 2
+
+
+async def test_errno_contract(stack):
+    await stack.write_file(b"f", b"x")
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        await stack.ops.lookup(ROOT_INODE, b"missing", Ctx())
+    assert exc.value.errno == errno.ENOENT
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        await stack.ops.mkdir(ROOT_INODE, b"f", 0o755, Ctx())
+    assert exc.value.errno == errno.EEXIST
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        await stack.ops.create(ROOT_INODE, b"n" * 256, 0o644, os.O_RDWR, Ctx())
+    assert exc.value.errno == errno.ENAMETOOLONG
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        await stack.ops.getxattr(ROOT_INODE, b"user.none", Ctx())
+    assert exc.value.errno == pyfuse3.ENOATTR
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        await stack.ops.read(999, 0, 10)
+    assert exc.value.errno == errno.EBADF
+
+
+async def test_unexpected_exception_becomes_eio_and_daemon_keeps_serving(stack, caplog):
+    ino = await stack.write_file(b"f", os.urandom(1000))
+    await stack.uploader.wait_idle()
+    stack.evict_all()
+    stack.store.crash_gets = True
+    fi = await stack.ops.open(ino, os.O_RDONLY, Ctx())
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        await stack.ops.read(fi.fh, 0, 100)
+    assert exc.value.errno == errno.EIO
+    assert "unexpected error in request" in caplog.text
+    stack.store.crash_gets = False
+    assert len(await stack.ops.read(fi.fh, 0, 100)) == 100
+
+
+async def test_corrupt_object_is_detected_and_fetched_again(stack, caplog):
+    data = os.urandom(5000)
+    ino = await stack.write_file(b"f", data)
+    await stack.uploader.wait_idle()
+    stack.evict_all()
+    stack.store.corrupt_gets = 1
+    assert await stack.read_file(ino) == data
+    assert "failed verification" in caplog.text
+
+
+async def test_persistently_corrupt_object_is_eio_never_bad_data(tmp_path, nursery):
+    s = Stack(tmp_path, nursery, wait_timeout=0.5)
+    await nursery.start(s.uploader.run)
+    ino = await s.write_file(b"f", os.urandom(5000))
+    await s.uploader.wait_idle()
+    s.evict_all()
+    s.store.corrupt_gets = 10**6
+    fi = await s.ops.open(ino, os.O_RDONLY, Ctx())
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        await s.ops.read(fi.fh, 0, 100)
+    assert exc.value.errno == errno.EIO
+
+
+async def test_read_waits_for_a_chunk_that_is_still_uploading(stack):
+    data = os.urandom(3000)
+    ino = await stack.write_file(b"f", data)
+    await stack.uploader.wait_idle()
+    stack.evict_all()
+    stack.store.get_missing = 3  # absent for the first polls, as if another node were uploading
+    assert await stack.read_file(ino) == data
+    assert stack.store.get_missing == 0
+
+
+async def test_uploads_retry_temporary_failures_and_unpin(stack):
+    stack.store.put_failures = 2
+    ino = await stack.write_file(b"f", os.urandom(C + 1))
+    with trio.fail_after(20):
+        await stack.uploader.wait_idle()
+    assert stack.meta.pending_uploads() == []
+    assert not stack.uploader.failing
+    assert all(not stack.cache.is_pinned(c) for c in stack.cache.ids())
+    assert await stack.read_file(ino)
+
+
+async def test_uploader_resumes_pending_after_restart(tmp_path, nursery):
+    s = Stack(tmp_path, nursery)  # uploader deliberately not started: a "crash" before upload
+    data = os.urandom(2000)
+    await s.write_file(b"f", data)
+    assert len(s.meta.pending_uploads()) == 1
+    await nursery.start(s.uploader.run)
+    with trio.fail_after(10):
+        await s.uploader.wait_idle()
+    assert s.meta.pending_uploads() == []
+    assert s.store.exists(chunk_id(data))
+
+
+async def test_unlinked_open_file_stays_usable_then_is_collected(stack):
+    data = os.urandom(C + 9)
+    ino = await stack.write_file(b"f", data)
+    await stack.ops.lookup(ROOT_INODE, b"f", Ctx())
+    fi = await stack.ops.open(ino, os.O_RDWR, Ctx())
+    await stack.ops.unlink(ROOT_INODE, b"f", Ctx())
+    assert await stack.ops.read(fi.fh, 0, 10) == data[:10]
+    await stack.ops.write(fi.fh, 0, b"new")
+    assert await stack.ops.read(fi.fh, 0, 3) == b"new"
+    await stack.ops.release(fi.fh)
+    assert stack.meta.get_inode(ino).nlink == 0  # the kernel still has a lookup
+    stack.ops.forget([(ino, 2)])  # create and lookup each counted one
+    await trio.sleep(0.1)
+    with pytest.raises(Exception):
+        stack.meta.get_inode(ino)
+    await stack.uploader.wait_idle()
+    assert await stack.collector.collect() >= 2
+    assert stack.cache.ids() == []
+    assert not any((stack.store.root / "chunks").rglob("*/*/*"))
+
+
+async def test_readdir_counts_lookups(stack, monkeypatch):
+    for i in range(5):
+        await stack.ops.mkdir(ROOT_INODE, f"d{i}".encode(), 0o755, Ctx())
+    before = dict(stack.ops.lookups)
+    seen = []
+
+    def reply(token, name, attrs, next_id):
+        seen.append(name)
+        return True
+
+    monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+    await stack.ops.readdir(ROOT_INODE, 0, None)
+    assert seen == [f"d{i}".encode() for i in range(5)]
+    assert all(stack.ops.lookups[ino] == before.get(ino, 0) + 1 for ino in before)
+
+
+async def test_statfs_reports_cache_volume(stack, tmp_path):
+    out = await stack.ops.statfs(Ctx())
+    disk = os.statvfs(tmp_path)
+    assert out.f_blocks == disk.f_blocks and out.f_bsize == disk.f_bsize
+
+
+async def test_mknod_fifo_and_setgid_directory(stack):
+    attrs = await stack.ops.mknod(ROOT_INODE, b"fifo", stat.S_IFIFO | 0o600, 0, Ctx())
+    assert stat.S_ISFIFO(attrs.st_mode)
+    d = await stack.ops.mkdir(ROOT_INODE, b"shared", 0o2775, Ctx())
+    stack.meta.setattr(d.st_ino, gid=4242)
+    child = await stack.ops.mkdir(d.st_ino, b"sub", 0o755, Ctx())
+    assert child.st_gid == 4242 and child.st_mode & stat.S_ISGID
