@@ -155,6 +155,7 @@ class Daemon:
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             self.content.nursery = nursery
+            self.source.nursery = nursery
             await nursery.start(self.uploader.run)
             await nursery.start(self.collector.run)
             nursery.start_soon(self._on_signals)

@@ -32,6 +32,7 @@ import trio
 
 from . import errors, metrics
 from .chunks.content import ContentService, FileContent
+from .config import CHUNK_SIZE_BYTES
 from .meta.store import Inode, MetaStore
 
 log = logging.getLogger(__name__)
@@ -80,12 +81,31 @@ def _brief(args: tuple) -> str:
     )
 
 
+PREFETCH_MAX_WINDOW_CHUNKS = 16
+
+
 class _Handle:
-    __slots__ = ("ino", "content")
+    """An open file. Tracks the read pattern: while reads stay sequential the
+    prefetch window doubles (1, 2, 4, ... chunks); a seek resets it."""
+
+    __slots__ = ("ino", "content", "next_offset", "window")
 
     def __init__(self, ino: int, content: FileContent):
         self.ino = ino
         self.content = content
+        self.next_offset = 0
+        self.window = 0
+
+    def note_read(self, offset: int, size: int) -> None:
+        # Kernel readahead issues several requests at once, so "sequential"
+        # allows requests slightly out of order around the expected offset.
+        if self.next_offset - CHUNK_SIZE_BYTES <= offset <= self.next_offset + CHUNK_SIZE_BYTES:
+            self.window = min(max(1, self.window * 2), PREFETCH_MAX_WINDOW_CHUNKS)
+        else:
+            self.window = 0
+        self.next_offset = max(self.next_offset, offset + size) if self.window else offset + size
+        if self.window:
+            self.content.prefetch((offset + size) // CHUNK_SIZE_BYTES + 1, self.window)
 
 
 class Operations(pyfuse3.Operations):
@@ -286,16 +306,14 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_op
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        next_seq = start_id
-        while True:
-            batch = self.meta.readdir(fh, next_seq, 1024)
-            for seq, name, inode in batch:
+        entries = self.meta.readdir(fh, start_id)
+        try:
+            for seq, name, inode in entries:
                 if not pyfuse3.readdir_reply(token, name, self._attrs(inode), seq + 1):
                     return
                 self.lookups[inode.ino] += 1
-                next_seq = seq + 1
-            if len(batch) < 1024:
-                return
+        finally:
+            entries.close()
 
     @_fuse_op
     async def releasedir(self, fh: int) -> None:
@@ -334,7 +352,9 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_op
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self._handle(fh).content.read(off, size)
+        handle = self._handle(fh)
+        handle.note_read(off, size)
+        return await handle.content.read(off, size)
 
     @_fuse_op
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -17,6 +17,7 @@ READ_BYTES = Counter("datafs_read_bytes_total", "Bytes returned to readers, by t
 WRITE_BYTES = Counter("datafs_write_bytes_total", "Bytes accepted from writers")
 CHUNK_FETCHES = Counter("datafs_chunk_fetches_total", "Chunks fetched into the local cache", ["tier", "result"])
 CHUNK_FETCH_SECONDS = Histogram("datafs_chunk_fetch_seconds", "Time to fetch one chunk", ["tier"])
+PREFETCHED_CHUNKS = Counter("datafs_prefetched_chunks_total", "Chunks fetched ahead of a sequential reader")
 CHUNKS_SEALED = Counter("datafs_chunks_sealed_total", "Chunks hashed and written to the local cache")
 COMMITS = Counter("datafs_commits_total", "File content commits to the metadata store")
 CACHE_BYTES = Gauge("datafs_cache_bytes", "Bytes of chunks in the local cache")

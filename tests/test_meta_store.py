@@ -3,6 +3,7 @@ counts, pending uploads, garbage, readdir offsets."""
 
 from __future__ import annotations
 
+import itertools
 import stat
 
 import pytest
@@ -122,12 +123,12 @@ def test_readdir_offsets_stable_under_deletion(meta):
     names = [f"n{i:03d}".encode() for i in range(50)]
     for name in names:
         meta.mknode(ROOT_INODE, name, FILE, 0, 0)
-    first = meta.readdir(ROOT_INODE, 0, 10)
+    first = list(itertools.islice(meta.readdir(ROOT_INODE, 0), 10))
     seen = [name for _, name, _ in first]
     for name in names[5:30:2]:
         meta.unlink(ROOT_INODE, name)
     rest, start = [], first[-1][0] + 1
-    while batch := meta.readdir(ROOT_INODE, start, 7):
+    while batch := list(itertools.islice(meta.readdir(ROOT_INODE, start), 7)):
         rest += [name for _, name, _ in batch]
         start = batch[-1][0] + 1
     listed = seen + rest

@@ -304,3 +304,34 @@ async def test_mknod_fifo_and_setgid_directory(stack):
     stack.meta.setattr(d.st_ino, gid=4242)
     child = await stack.ops.mkdir(d.st_ino, b"sub", 0o755, Ctx())
     assert child.st_gid == 4242 and child.st_mode & stat.S_ISGID
+
+
+async def test_sequential_reader_prefetches_following_chunks(stack):
+    stack.source.nursery = stack.svc.nursery
+    data = os.urandom(6 * C)
+    ino = await stack.write_file(b"f", data)
+    await stack.uploader.wait_idle()
+    stack.evict_all()
+    fi = await stack.ops.open(ino, os.O_RDONLY, Ctx())
+    step = 1 << 20
+    for off in range(0, 2 * C, step):  # two chunks, read sequentially
+        assert await stack.ops.read(fi.fh, off, step) == data[off:off + step]
+    with trio.fail_after(10):
+        while len(stack.cache.ids()) < 6:
+            await trio.sleep(0.01)
+    stack.store.crash_gets = True  # everything left must come from the cache now
+    rest = b"".join([await stack.ops.read(fi.fh, off, step) for off in range(2 * C, 6 * C, step)])
+    assert rest == data[2 * C:]
+
+
+async def test_random_reader_does_not_prefetch(stack):
+    stack.source.nursery = stack.svc.nursery
+    data = os.urandom(6 * C)
+    ino = await stack.write_file(b"f", data)
+    await stack.uploader.wait_idle()
+    stack.evict_all()
+    fi = await stack.ops.open(ino, os.O_RDONLY, Ctx())
+    for off in (5 * C, 1 * C + 7, 3 * C + 99):
+        assert await stack.ops.read(fi.fh, off, 4096) == data[off:off + 4096]
+    await trio.sleep(0.2)
+    assert len(stack.cache.ids()) == 3

@@ -183,6 +183,17 @@ class FileContent:
             data = await self.svc.source.read(ref, start, min(stop, limit) - start)
         return data + bytes(stop - start - len(data))
 
+    def prefetch(self, first: int, count: int) -> None:
+        """Ask the tiers to fetch committed chunks first..first+count-1 ahead of a reader."""
+        last = min(first + count, (self.size + C - 1) // C) - 1
+        if last < first:
+            return
+        refs = self.svc.meta.chunks(self.ino, first, last)
+        self.svc.source.prefetch([
+            ref for index, ref in sorted(refs.items())
+            if index not in self.entries and (self.cut is None or index * C < self.cut)
+        ])
+
     # ---- writes ------------------------------------------------------------------
     async def write(self, offset: int, buf: bytes) -> int:
         view = memoryview(buf)

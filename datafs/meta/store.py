@@ -28,7 +28,7 @@ import os
 import stat
 import struct
 import time
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from .. import errors
 from ..config import CHUNK_SIZE_BYTES
@@ -255,18 +255,15 @@ class MetaStore:
                 ino = _ENTRY.unpack(raw)[0]
             return Inode.unpack(ino, t.get(_k_inode(ino)))
 
-    def readdir(self, parent: int, start_seq: int, limit: int) -> list[tuple[int, bytes, Inode]]:
-        """Up to `limit` entries with seq >= start_seq: (seq, name, inode)."""
-        out = []
+    def readdir(self, parent: int, start_seq: int) -> Iterator[tuple[int, bytes, Inode]]:
+        """Entries with seq >= start_seq as (seq, name, inode), from one snapshot.
+        A generator, so a listing reads only the entries the kernel takes; it
+        holds a read transaction, so the caller must not await while iterating."""
         prefix = b"e" + _u64(parent)
         with self.kv.read() as t:
             for key, name in t.scan(prefix, prefix + _u64(start_seq)):
-                seq = _U64.unpack(key[9:])[0]
                 ino = _ENTRY.unpack(t.get(_k_dirent(parent, name)))[0]
-                out.append((seq, name, Inode.unpack(ino, t.get(_k_inode(ino)))))
-                if len(out) >= limit:
-                    break
-        return out
+                yield _U64.unpack(key[9:])[0], name, Inode.unpack(ino, t.get(_k_inode(ino)))
 
     def readlink(self, ino: int) -> bytes:
         with self.kv.read() as t:

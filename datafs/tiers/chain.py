@@ -8,6 +8,11 @@ fetched again. A chunk that metadata references but the store does not have
 yet (still uploading from another node) is polled for with backoff until
 `wait_timeout_seconds`, then the read fails with EIO.
 
+Prefetch: a reader that stays sequential asks for a window of following chunks;
+they are fetched into the cache in the background, at most `prefetch_chunks` at
+a time (that bounds the memory in flight), so a cold sequential read keeps many
+requests to the store in flight instead of one.
+
 Sealing is the write side: hash a buffer, pin the id in the cache (so nothing
 evicts or garbage-collects it before the metadata commit), store it.
 
@@ -35,6 +40,7 @@ class ChunkSource:
     def __init__(
         self, cache: ChunkCache, store: ObjectStore, *,
         wait_timeout_seconds: float = 300.0, fetch_concurrency: int = 16, disk_concurrency: int = 8,
+        prefetch_chunks: int = 16,
     ):
         self.cache = cache
         self.store = store
@@ -45,6 +51,8 @@ class ChunkSource:
         # Chunks the garbage collector is deleting right now: a seal of the
         # same id waits until the deletion is done, then writes it afresh.
         self.deleting: dict[str, trio.Event] = {}
+        self.prefetch_slots = prefetch_chunks
+        self.nursery: trio.Nursery | None = None
 
     # ---- reads -----------------------------------------------------------------
     async def read(self, ref: ChunkRef, offset: int, size: int) -> bytes:
@@ -78,6 +86,27 @@ class ChunkSource:
         finally:
             del self._inflight[ref.chunk_id]
             event.set()
+
+    def prefetch(self, refs: list[ChunkRef]) -> None:
+        """Start background fetches of chunks not cached yet, within the budget."""
+        if self.nursery is None:
+            return
+        for ref in refs:
+            if self.prefetch_slots <= 0:
+                return
+            if ref.chunk_id in self._inflight or ref.chunk_id in self.cache:
+                continue
+            self.prefetch_slots -= 1
+            self.nursery.start_soon(self._prefetch_one, ref)
+
+    async def _prefetch_one(self, ref: ChunkRef) -> None:
+        try:
+            await self.fetch(ref)
+            metrics.PREFETCHED_CHUNKS.inc()
+        except Exception as exc:  # the reader's own fetch will report it
+            log.debug("prefetch failed", extra={"chunk": ref.chunk_id, "error": str(exc)})
+        finally:
+            self.prefetch_slots += 1
 
     async def _fetch_verified(self, ref: ChunkRef) -> bytes:
         deadline = time.monotonic() + self.wait_timeout_seconds
