@@ -83,6 +83,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         "log_level": args.log_level,
         "s3_endpoint": args.s3_endpoint,
         "metrics_address": args.metrics_address,
+        "fsync_waits_upload": True if args.fsync_waits_upload else None,
     }).resolve()
     assert settings.mountpoint is not None
     if "," in str(settings.state_dir):
@@ -230,30 +231,120 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- status ------------------------------------------------------------------------------
-def cmd_status(args: argparse.Namespace) -> int:
-    from .daemon import read_daemon_pid
+# ---- status and sync ---------------------------------------------------------------------
+def _open_meta(info: mounts.MountInfo):
+    """The daemon's metadata, opened read-only (LMDB allows readers beside the writer)."""
     from .meta.lmdb_kv import LmdbKV
     from .meta.store import MetaStore
 
-    info = _datafs_mount(args.mountpoint)
     assert info.state_dir is not None
-    kv = LmdbKV(str(info.state_dir / "meta"), readonly=True)
+    return MetaStore(LmdbKV(str(info.state_dir / "meta"), readonly=True))
+
+
+def _format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from .daemon import read_daemon_pid, status_path
+
+    info = _datafs_mount(args.mountpoint)
+    meta = _open_meta(info)
     try:
-        meta = MetaStore(kv)
         pending = meta.pending_uploads()
         counts = meta.counts()
     finally:
-        kv.close()
+        meta.kv.close()
     pid = read_daemon_pid(info.state_dir)
+    live = {}
+    try:
+        live = json.loads(status_path(info.state_dir).read_text())
+    except (OSError, ValueError):
+        pass
     now_ns = time.time_ns()
     oldest = max(((now_ns - p[2]) / 1e9 for p in pending), default=0.0)
     print(f"mountpoint:       {info.mountpoint}")
     print(f"state dir:        {info.state_dir}")
     print(f"daemon:           {'running' if pid and _alive(pid) else 'not running'}" + (f" (pid {pid})" if pid else ""))
     print(f"inodes:           {counts['inodes']}")
-    print(f"pending uploads:  {len(pending)} chunks, {sum(p[1] for p in pending)} bytes, oldest {oldest:.1f} s")
+    print(f"pending uploads:  {len(pending)} chunks, {_format_bytes(sum(p[1] for p in pending))}, oldest {oldest:.1f} s")
+    if live:
+        print(f"upload rate:      {_format_bytes(live.get('upload_bytes_per_second', 0))}/s")
+        print(f"failing uploads:  {live.get('failing_chunks', 0)}")
+        for chunk, error in live.get("failing_sample", {}).items():
+            print(f"  {chunk[:16]}...: {error}")
+        print(f"local cache:      {_format_bytes(live.get('cache_bytes', 0))}")
     return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    """Wait until the named files (or everything) are in the object store."""
+    from tqdm import tqdm
+
+    info = _datafs_mount(args.mountpoint)
+    wanted: set[str] | None = None
+    if args.paths:
+        meta = _open_meta(info)
+        wanted = set()
+        try:
+            for path in args.paths:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError as exc:
+                    raise UsageError(f"{path}: {exc.strerror}") from None
+                try:
+                    st = os.fstat(fd)
+                    if st.st_dev != os.stat(info.mountpoint).st_dev:
+                        raise UsageError(f"{path} is not on the datafs mount {info.mountpoint}")
+                    os.fsync(fd)  # commit anything still buffered for this file
+                finally:
+                    os.close(fd)
+                ino = st.st_ino
+                wanted |= {ref.chunk_id for ref in meta.chunks(ino, 0, 1 << 62).values()}
+        finally:
+            meta.kv.close()
+    deadline = time.monotonic() + args.timeout
+    progress = None
+    while True:
+        meta = _open_meta(info)
+        try:
+            pending = [p for p in meta.pending_uploads() if wanted is None or p[0] in wanted]
+        finally:
+            meta.kv.close()
+        left = sum(p[1] for p in pending)
+        if progress is None:
+            progress = tqdm(total=left, unit="B", unit_scale=True, unit_divisor=1024, desc="sync",
+                            disable=not sys.stderr.isatty(), file=sys.stderr)
+        progress.n = progress.total - left
+        progress.refresh()
+        if not pending:
+            progress.close()
+            return 0
+        if time.monotonic() > deadline:
+            progress.close()
+            raise UsageError(f"{len(pending)} chunks ({_format_bytes(left)}) still pending after {args.timeout:.0f} s; see 'datafs status {info.mountpoint}'")
+        time.sleep(0.2)
+
+
+def cmd_warmup(args: argparse.Namespace) -> int:
+    from .warmup import warmup
+
+    paths = [Path(p) for p in args.paths]
+    for path in paths:
+        if not path.exists():
+            raise UsageError(f"{path} does not exist")
+    result = warmup(paths, parallel=args.parallel)
+    print(f"warmed {result['files']} files, {_format_bytes(result['bytes'])} in {result['seconds']:.1f} s "
+          f"({_format_bytes(result['bytes_per_second'])}/s)")
+    for error in result["errors"]:
+        print(f"datafs: {error}", file=sys.stderr)
+    return 1 if result["errors"] else 0
 
 
 # ---- entry point ----------------------------------------------------------------------------
@@ -272,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--foreground", action="store_true", help="stay attached (for systemd and containers)")
     mount.add_argument("--log-level", help="debug, info, warning (default) or error")
     mount.add_argument("--metrics-address", help="serve Prometheus metrics on HOST:PORT")
+    mount.add_argument("--fsync-waits-upload", action="store_true", help="fsync returns only once the file is in the object store")
     mount.set_defaults(func=cmd_mount)
 
     umount = sub.add_parser("umount", help="flush, unmount and wait for the daemon to exit")
@@ -282,6 +374,17 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show pending uploads and daemon state")
     status.add_argument("mountpoint")
     status.set_defaults(func=cmd_status)
+
+    sync = sub.add_parser("sync", help="wait until files (default: everything) are in the object store")
+    sync.add_argument("mountpoint")
+    sync.add_argument("paths", nargs="*", help="files on the mount (default: all pending uploads)")
+    sync.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait (default 3600)")
+    sync.set_defaults(func=cmd_sync)
+
+    warm = sub.add_parser("warmup", help="pre-read files or directory trees into the local cache, in parallel")
+    warm.add_argument("paths", nargs="+")
+    warm.add_argument("--parallel", type=int, default=32, help="concurrent readers (default 32)")
+    warm.set_defaults(func=cmd_warmup)
 
     try:
         from .inductor_cli import add_parser as add_inductor

@@ -70,6 +70,7 @@ class Settings:
     read_ahead_kb: int = 16384
     write_buffer_bytes: int = 256 << 20
     upload_concurrency: int = 16
+    fsync_waits_upload: bool = False
     chunk_wait_timeout_seconds: float = 300.0
     metrics_address: str = ""  # host:port for the Prometheus endpoint; empty = off
     s3_endpoint: str = ""
@@ -114,6 +115,7 @@ _CONVERTERS: dict[str, Any] = {
     "cache_min_free_bytes": lambda v: parse_size(v, "cache free-space floor"),
     "write_buffer_bytes": lambda v: parse_size(v, "write buffer size"),
     "foreground": lambda v: v.lower() in ("1", "true", "yes", "on"),
+    "fsync_waits_upload": lambda v: v.lower() in ("1", "true", "yes", "on"),
     "attr_timeout_seconds": lambda v: parse_seconds(v, "attribute timeout"),
     "entry_timeout_seconds": lambda v: parse_seconds(v, "entry timeout"),
     "chunk_wait_timeout_seconds": lambda v: parse_seconds(v, "chunk wait timeout"),

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 import pyfuse3
@@ -38,11 +40,16 @@ from .upload import Collector, Uploader
 log = logging.getLogger(__name__)
 
 SHUTDOWN_UPLOAD_GRACE_SECONDS = 10.0
+STATUS_INTERVAL_SECONDS = 2.0
 META_SYNC_INTERVAL_SECONDS = 5.0
 
 
 def lock_path(state_dir: Path) -> Path:
     return state_dir / "daemon.lock"
+
+
+def status_path(state_dir: Path) -> Path:
+    return state_dir / "status.json"
 
 
 def read_daemon_pid(state_dir: Path) -> int | None:
@@ -108,6 +115,7 @@ class Daemon:
             self.meta, self.content, self.meta_limiter, statfs_path=cache_dir,
             attr_timeout_seconds=s.attr_timeout_seconds, entry_timeout_seconds=s.entry_timeout_seconds,
             on_inode_deleted=self.collector.wake,
+            fsync_waits_for=self.uploader.wait_for if s.fsync_waits_upload else None,
         )
 
     def _recover(self) -> None:
@@ -161,6 +169,7 @@ class Daemon:
             nursery.start_soon(self._on_signals)
             nursery.start_soon(self._sync_periodically)
             nursery.start_soon(self._tune_readahead)
+            nursery.start_soon(self._write_status_periodically)
             log.info("mounted", extra={"mountpoint": str(self.settings.mountpoint), "store": self.store.describe()})
             await pyfuse3.main()
             await self.ops.commit_all()
@@ -181,6 +190,22 @@ class Daemon:
         while True:
             await trio.sleep(META_SYNC_INTERVAL_SECONDS)
             await trio.to_thread.run_sync(self.meta.sync, limiter=self.meta_limiter)
+
+    async def _write_status_periodically(self) -> None:
+        """Publish live numbers (upload throughput, failing chunks) for `datafs status`."""
+        path = status_path(self.settings.state_dir)
+        last_bytes, last_time = self.uploader.uploaded_bytes, time.monotonic()
+        while True:
+            await trio.sleep(STATUS_INTERVAL_SECONDS)
+            now = time.monotonic()
+            snapshot = self.uploader.snapshot()
+            snapshot["upload_bytes_per_second"] = (snapshot["uploaded_bytes"] - last_bytes) / (now - last_time)
+            snapshot["cache_bytes"] = self.cache.size_bytes
+            snapshot["written_at"] = time.time()
+            last_bytes, last_time = snapshot["uploaded_bytes"], now
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(snapshot))
+            tmp.rename(path)
 
     def close(self) -> None:
         if self.mounted:

@@ -25,7 +25,7 @@ import os
 import stat
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import pyfuse3
 import trio
@@ -117,6 +117,7 @@ class Operations(pyfuse3.Operations):
         self, meta: MetaStore, content: ContentService, meta_limiter: trio.CapacityLimiter, *,
         statfs_path: Path, attr_timeout_seconds: float, entry_timeout_seconds: float,
         on_inode_deleted: Callable[[], None] = lambda: None,
+        fsync_waits_for: Callable[[set[str]], Awaitable[None]] | None = None,
     ):
         super().__init__()
         self.meta = meta
@@ -126,6 +127,7 @@ class Operations(pyfuse3.Operations):
         self.attr_timeout = attr_timeout_seconds
         self.entry_timeout = entry_timeout_seconds
         self.on_inode_deleted = on_inode_deleted
+        self.fsync_waits_for = fsync_waits_for
         self.lookups: collections.Counter[int] = collections.Counter()
         self.open_count: collections.Counter[int] = collections.Counter()
         self.contents: dict[int, FileContent] = {}
@@ -366,8 +368,12 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_op
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self._handle(fh).content.commit()
+        handle = self._handle(fh)
+        await handle.content.commit()
         await self._write(self.meta.sync)
+        if self.fsync_waits_for is not None:  # --fsync-waits-upload: durable in the object store too
+            chunks = self.meta.chunks(handle.ino, 0, 1 << 62)
+            await self.fsync_waits_for({ref.chunk_id for ref in chunks.values()})
 
     @_fuse_op
     async def release(self, fh: int) -> None:

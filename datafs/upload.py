@@ -65,9 +65,23 @@ class Uploader:
             self._wake.set()
 
     async def wait_idle(self) -> None:
-        """Return once nothing is pending (used by sync and clean shutdown)."""
+        """Return once nothing is pending (used by clean shutdown)."""
         while self._queued:
             await self._progress.wait()
+
+    async def wait_for(self, chunk_ids: set[str]) -> None:
+        """Return once none of `chunk_ids` is pending (fsync with upload wait)."""
+        while chunk_ids & self._queued:
+            await self._progress.wait()
+
+    def snapshot(self) -> dict:
+        """Numbers for `datafs status`."""
+        return {
+            "pending_chunks": len(self._queued),
+            "failing_chunks": len(self.failing),
+            "failing_sample": dict(list(self.failing.items())[:3]),
+            "uploaded_bytes": self.uploaded_bytes,
+        }
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         pending = await trio.to_thread.run_sync(self.meta.pending_uploads, limiter=self.meta_limiter)
