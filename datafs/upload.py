@@ -69,6 +69,10 @@ class Uploader:
         while self._queued:
             await self._progress.wait()
 
+    async def wait_progress(self) -> None:
+        """Return after the next chunk finishes uploading."""
+        await self._progress.wait()
+
     async def wait_for(self, chunk_ids: set[str]) -> None:
         """Return once none of `chunk_ids` is pending (fsync with upload wait)."""
         while chunk_ids & self._queued:

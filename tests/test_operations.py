@@ -66,16 +66,17 @@ class Ctx:
 
 
 class Stack:
-    def __init__(self, tmp: Path, nursery: trio.Nursery, wait_timeout: float = 5.0):
+    def __init__(self, tmp: Path, nursery: trio.Nursery, wait_timeout: float = 5.0, cache_limit: int = 1 << 40):
         self.meta = MetaStore(open_kv("memory://"))
         self.meta.init_root()
         self.store = FaultyStore(tmp / "store")
         self.store.check()
-        self.cache = ChunkCache(tmp / "cache", 1 << 40, 0)
+        self.cache = ChunkCache(tmp / "cache", cache_limit, 0)
         self.cache.open()
         limiter = trio.CapacityLimiter(1)
         self.source = ChunkSource(self.cache, self.store, wait_timeout_seconds=wait_timeout)
         self.uploader = Uploader(self.meta, self.cache, self.store, limiter, concurrency=4)
+        self.source.wait_for_uploads = self.uploader.wait_progress
         self.collector = Collector(self.meta, self.source, limiter, interval_seconds=3600)
         self.svc = ContentService(self.meta, self.source, limiter, self.uploader.enqueue, 64 << 20)
         self.svc.nursery = nursery
@@ -335,3 +336,28 @@ async def test_random_reader_does_not_prefetch(stack):
         assert await stack.ops.read(fi.fh, off, 4096) == data[off:off + 4096]
     await trio.sleep(0.2)
     assert len(stack.cache.ids()) == 3
+
+
+async def test_full_cache_of_unuploaded_chunks_makes_writers_wait(tmp_path, nursery):
+    s = Stack(tmp_path, nursery, cache_limit=2 * C)
+    s.store.put_failures = 3  # uploads fail for a while (~1.4 s of backoff)
+    await nursery.start(s.uploader.run)
+    data = os.urandom(4 * C)
+    with trio.fail_after(30):
+        ino = await s.write_file(b"f", data)  # needs 4 chunks in a 2-chunk cache
+        await s.uploader.wait_idle()
+    assert await s.read_file(ino) == data
+
+
+async def test_full_cache_that_never_drains_is_enospc_and_keeps_committed_data(tmp_path, nursery):
+    s = Stack(tmp_path, nursery, cache_limit=2 * C)
+    s.source.space_wait_seconds = 0.5
+    first = os.urandom(2 * C)
+    ino = await s.write_file(b"first", first)  # committed; its upload never happens
+    fi, _ = await s.ops.create(ROOT_INODE, b"second", 0o644, os.O_RDWR, Ctx())
+    await s.ops.write(fi.fh, 0, os.urandom(C))
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        await s.ops.flush(fi.fh)
+    assert exc.value.errno == errno.ENOSPC
+    assert await s.read_file(ino) == first
+    assert len(s.meta.pending_uploads()) == 2

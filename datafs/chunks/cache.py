@@ -180,20 +180,22 @@ class ChunkCache:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
 
-    def make_room(self, incoming_bytes: int) -> None:
+    def make_room(self, incoming_bytes: int) -> bool:
         """Evict unpinned chunks, oldest first, until `incoming_bytes` fit under
-        the limit and above the free-space floor. If only pinned chunks remain,
-        the write goes ahead and the disk itself decides (ENOSPC)."""
+        the limit and above the free-space floor. Returns False if only pinned
+        chunks are left and it still does not fit (the caller may wait for
+        uploads to unpin some, or go ahead and let the disk decide)."""
         need_free = self.min_free_bytes + incoming_bytes
         free = self.free_disk_bytes()
         while self.size_bytes + incoming_bytes > self.limit_bytes or free < need_free:
             victim = self._pick_victim()
             if victim is None:
-                return
+                return False
             chunk_id, size = victim
             metrics.CACHE_EVICTIONS.inc()
             log.debug("evicted chunk", extra={"chunk": chunk_id, "size_bytes": size})
             free += size
+        return True
 
     def _pick_victim(self) -> tuple[str, int] | None:
         with self._lock:

@@ -21,9 +21,11 @@ All blocking work runs in worker threads, each resource behind its own limiter.
 
 from __future__ import annotations
 
+import errno
 import logging
 import random
 import time
+from typing import Awaitable, Callable
 
 import trio
 
@@ -40,7 +42,7 @@ class ChunkSource:
     def __init__(
         self, cache: ChunkCache, store: ObjectStore, *,
         wait_timeout_seconds: float = 300.0, fetch_concurrency: int = 16, disk_concurrency: int = 8,
-        prefetch_chunks: int = 16,
+        prefetch_chunks: int = 16, space_wait_seconds: float = 60.0,
     ):
         self.cache = cache
         self.store = store
@@ -52,6 +54,10 @@ class ChunkSource:
         # same id waits until the deletion is done, then writes it afresh.
         self.deleting: dict[str, trio.Event] = {}
         self.prefetch_slots = prefetch_chunks
+        # Back-pressure: when the cache is full of pinned (not yet uploaded)
+        # chunks, a writer waits this long for uploads to free space, then ENOSPC.
+        self.space_wait_seconds = space_wait_seconds
+        self.wait_for_uploads: Callable[[], Awaitable[None]] | None = None
         self.nursery: trio.Nursery | None = None
 
     # ---- reads -----------------------------------------------------------------
@@ -145,12 +151,35 @@ class ChunkSource:
         try:
             while chunk in self.deleting:
                 await self.deleting[chunk].wait()
-            await trio.to_thread.run_sync(self.cache.put, chunk, data, limiter=self.disk_limiter)
+            await self._store_with_backpressure(chunk, data)
         except BaseException:
             self.cache.unpin(chunk)
             raise
         metrics.CHUNKS_SEALED.inc()
         return ChunkRef(chunk, len(data))
+
+    async def _store_with_backpressure(self, chunk: str, data: bytes | bytearray | memoryview) -> None:
+        """Put a chunk in the cache. If the cache (its byte limit, or the disk) is
+        full of chunks that exist nowhere else yet, wait for uploads to unpin
+        some; after `space_wait_seconds`, fail with ENOSPC. Committed data is
+        never evicted to make room."""
+        deadline = time.monotonic() + self.space_wait_seconds
+        while True:
+            if chunk in self.cache:
+                return
+            if await trio.to_thread.run_sync(self.cache.make_room, len(data), limiter=self.disk_limiter):
+                try:
+                    await trio.to_thread.run_sync(self.cache.put, chunk, data, limiter=self.disk_limiter)
+                    return
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+            if self.wait_for_uploads is None or time.monotonic() >= deadline:
+                raise errors.NoSpace("the local cache is full of chunks that are not uploaded yet")
+            metrics.WRITE_STALLS.inc()
+            log.info("cache full of chunks not yet uploaded; writer waits for uploads", extra={"chunk": chunk})
+            with trio.move_on_after(1.0):
+                await self.wait_for_uploads()
 
     def release(self, ref: ChunkRef) -> None:
         self.cache.unpin(ref.chunk_id)
