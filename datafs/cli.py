@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -309,9 +310,20 @@ def cmd_sync(args: argparse.Namespace) -> int:
                 wanted |= {ref.chunk_id for ref in meta.chunks(ino, 0, 1 << 62).values()}
         finally:
             meta.kv.close()
+    from .daemon import read_daemon_pid
+
+    pid = read_daemon_pid(info.state_dir)
     deadline = time.monotonic() + args.timeout
     progress = None
+    next_kick = 0.0
     while True:
+        if pid and time.monotonic() >= next_kick:
+            # Ask the daemon to retry failing uploads now rather than after its backoff.
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except OSError:
+                pass
+            next_kick = time.monotonic() + 5.0
         meta = _open_meta(info)
         try:
             pending = [p for p in meta.pending_uploads() if wanted is None or p[0] in wanted]

@@ -181,8 +181,12 @@ class Daemon:
             nursery.cancel_scope.cancel()
 
     async def _on_signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        """SIGTERM/SIGINT unmount cleanly; SIGUSR1 retries failing uploads now."""
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
             async for signum in signals:
+                if signum == signal.SIGUSR1:
+                    self.uploader.retry_now()
+                    continue
                 log.info("signal received, unmounting", extra={"signal": signal.Signals(signum).name})
                 pyfuse3.terminate()
                 return

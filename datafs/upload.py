@@ -45,6 +45,7 @@ class Uploader:
         self._queued: set[str] = set()
         self._wake = trio.Event()
         self._progress = trio.Event()
+        self._retry_now = trio.Event()
         self.failing: dict[str, str] = {}
         self.uploaded_bytes = 0
 
@@ -68,6 +69,12 @@ class Uploader:
         """Return once nothing is pending (used by clean shutdown)."""
         while self._queued:
             await self._progress.wait()
+
+    def retry_now(self) -> None:
+        """Cut every backoff short (SIGUSR1, sent by `datafs sync`): the
+        operator says the store is reachable again."""
+        self._retry_now.set()
+        self._retry_now = trio.Event()
 
     async def wait_progress(self) -> None:
         """Return after the next chunk finishes uploading."""
@@ -138,7 +145,8 @@ class Uploader:
                 (log.warning if first else log.debug)(
                     "chunk upload failed, will retry", extra={"chunk": chunk, "error": str(exc), "retry_in_seconds": round(delay, 2)}
                 )
-                await trio.sleep(delay * random.uniform(0.5, 1.0))
+                with trio.move_on_after(delay * random.uniform(0.5, 1.0)):
+                    await self._retry_now.wait()
                 delay = min(delay * 2, MAX_BACKOFF_SECONDS)
 
 

@@ -1,0 +1,192 @@
+"""The object-store tier through the real mount, against a real S3 server
+(SeaweedFS on 127.0.0.1, ports 18500-18507): upload after close, read-back on a
+node with an empty cache, crash and outage recovery, corruption, late chunks."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from datafs.chunks import chunk_id
+from datafs.config import CHUNK_SIZE_BYTES as C
+from datafs.devtools.seaweed import SeaweedServer
+from datafs.tiers.store import object_key
+
+from .conftest import Mount, run_cli
+
+BASE_PORT = 18500
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    server = SeaweedServer(tmp_path_factory.mktemp("weed"), BASE_PORT)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3) -> str:
+    return s3.create_bucket(f"t-{uuid.uuid4().hex[:12]}")
+
+
+def s3_mount(mount_factory, s3, bucket, name="node", *, env=None, state_dir=None, cache_dir=None) -> Mount:
+    args = ["--store", f"s3://{bucket}/fleet", "--s3-endpoint", s3.endpoint_url]
+    if cache_dir is not None:
+        args += ["--cache-dir", str(cache_dir)]
+    return mount_factory(name, extra_args=args, env={**s3.aws_env(), **(env or {})}, state_dir=state_dir)
+
+
+def expected_chunks(data: bytes) -> list[str]:
+    return [chunk_id(data[i:i + C]) for i in range(0, len(data), C)]
+
+
+def bucket_keys(s3, bucket: str) -> set[str]:
+    client = s3.client()
+    keys = set()
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        keys |= {obj["Key"] for obj in page.get("Contents", [])}
+    return keys
+
+
+def write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_closed_file_is_in_the_bucket_after_sync(mount_factory, s3, bucket):
+    m = s3_mount(mount_factory, s3, bucket)
+    data = os.urandom(2 * C + 1234)
+    write(m.path / "model.bin", data)
+    run_cli("sync", str(m.path), str(m.path / "model.bin"))
+    client = s3.client()
+    for chunk in expected_chunks(data):
+        body = client.get_object(Bucket=bucket, Key=object_key(chunk, "fleet"))["Body"].read()
+        assert chunk_id(body) == chunk
+    assert b"pending uploads:  0 chunks" in run_cli("status", str(m.path)).stdout.encode()
+
+
+def test_fresh_node_with_empty_cache_reads_everything_from_s3(mount_factory, s3, bucket, tmp_path):
+    a = s3_mount(mount_factory, s3, bucket, "a")
+    files = {"big.bin": os.urandom(3 * C + 77), "small.txt": b"hello\n", "d/nested.bin": os.urandom(C)}
+    (a.path / "d").mkdir()
+    for name, data in files.items():
+        write(a.path / name, data)
+    run_cli("sync", str(a.path))
+    a.umount()
+    # Node B: a copy of the metadata, its own empty cache.
+    b_state = tmp_path / "b-state"
+    b_state.mkdir()
+    shutil.copytree(a.state_dir / "meta", b_state / "meta")
+    b = s3_mount(mount_factory, s3, bucket, "b", state_dir=b_state)
+    assert not any((b_state / "cache" / "chunks").rglob("*/*")) if (b_state / "cache" / "chunks").exists() else True
+    for name, data in files.items():
+        assert sha((b.path / name).read_bytes()) == sha(data), name
+    assert sum(1 for _ in (b_state / "cache" / "chunks").rglob("*/*")) == len({c for d in files.values() for c in expected_chunks(d)})
+
+
+def test_sigkill_after_close_resumes_upload_on_restart(mount_factory, s3, bucket):
+    m = s3_mount(mount_factory, s3, bucket)
+    s3.stop()  # keep the upload from happening before the crash
+    try:
+        data = os.urandom(C + 5)
+        write(m.path / "f", data)
+        assert (m.path / "f").read_bytes() == data
+        m.kill()
+    finally:
+        s3.start()
+    m.mount()
+    run_cli("sync", str(m.path), "--timeout", "60")
+    keys = bucket_keys(s3, bucket)
+    assert {object_key(c, "fleet") for c in expected_chunks(data)} <= keys
+    assert (m.path / "f").read_bytes() == data
+
+
+def test_store_outage_writes_locally_and_uploads_when_it_returns(mount_factory, s3, bucket):
+    m = s3_mount(mount_factory, s3, bucket)
+    before = os.urandom(C // 2)
+    write(m.path / "before", before)
+    run_cli("sync", str(m.path))
+    s3.stop()
+    try:
+        during = os.urandom(C + 3)
+        write(m.path / "during", during)  # succeeds: the cache is the first home
+        assert (m.path / "during").read_bytes() == during
+        assert (m.path / "before").read_bytes() == before
+        status = run_cli("status", str(m.path)).stdout
+        assert "pending uploads:  2 chunks" in status, status
+    finally:
+        s3.start()
+    run_cli("sync", str(m.path), "--timeout", "90")
+    assert {object_key(c, "fleet") for c in expected_chunks(during)} <= bucket_keys(s3, bucket)
+
+
+def _cold_remount(m: Mount) -> None:
+    """Unmount, empty the local cache, mount again: every read goes to S3."""
+    m.umount()
+    shutil.rmtree(m.state_dir / "cache")
+    m.mount()
+
+
+def test_corrupted_object_is_detected_never_returned(mount_factory, s3, bucket):
+    m = s3_mount(mount_factory, s3, bucket, env={"DATAFS_CHUNK_WAIT_TIMEOUT": "2"})
+    data = os.urandom(5000)
+    write(m.path / "f", data)
+    run_cli("sync", str(m.path))
+    key = object_key(chunk_id(data), "fleet")
+    s3.client().put_object(Bucket=bucket, Key=key, Body=b"X" + data[1:])
+    _cold_remount(m)
+    with pytest.raises(OSError) as exc:
+        (m.path / "f").read_bytes()
+    assert exc.value.errno == 5  # EIO
+    assert "failed verification" in m.log
+    s3.client().put_object(Bucket=bucket, Key=key, Body=data)  # repaired: reads work again
+    assert (m.path / "f").read_bytes() == data
+
+
+def test_read_waits_for_a_chunk_that_appears_late(mount_factory, s3, bucket):
+    m = s3_mount(mount_factory, s3, bucket)
+    data = os.urandom(C + 100)
+    write(m.path / "f", data)
+    run_cli("sync", str(m.path))
+    client = s3.client()
+    late = expected_chunks(data)[1]
+    key = object_key(late, "fleet")
+    body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    client.delete_object(Bucket=bucket, Key=key)  # as if another node were still uploading it
+    _cold_remount(m)
+    timer = threading.Timer(2.0, lambda: s3.client().put_object(Bucket=bucket, Key=key, Body=body))
+    timer.start()
+    try:
+        started = time.monotonic()
+        got = (m.path / "f").read_bytes()
+    finally:
+        timer.join()
+    assert got == data
+    assert time.monotonic() - started >= 1.5
+
+
+def test_bad_store_settings_fail_before_mounting(tmp_path, s3):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cases = {
+        "does not exist": ["--store", "s3://no-such-bucket-here", "--s3-endpoint", s3.endpoint_url],
+        "cannot reach": ["--store", "s3://x", "--s3-endpoint", "http://127.0.0.1:18508"],
+    }
+    for expected, args in cases.items():
+        result = run_cli("mount", str(mnt), "--state-dir", str(tmp_path / "state"), *args, env=s3.aws_env(), check=False)
+        assert result.returncode != 0
+        assert expected in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert not os.path.ismount(mnt)
