@@ -51,6 +51,13 @@ def _check_mountpoint(mountpoint: Path, state_dir: Path) -> None:
         raise UsageError(f"mountpoint {mountpoint} is not a directory")
     info = mounts.find_mount(mountpoint)
     if info is not None and info.fstype.startswith("fuse"):
+        from .daemon import daemon_running
+
+        if info.is_datafs and info.state_dir and not daemon_running(info.state_dir):
+            # Its daemon is gone (the kernel may still answer stat from its
+            # attribute cache): a dead mount to clear, not a live one.
+            _clear_dead_mount(mountpoint)
+            return
         where = f" (state dir {info.state_dir})" if info.state_dir else ""
         raise UsageError(f"{mountpoint} is already mounted{where}: run 'datafs umount {mountpoint}' first")
 

@@ -52,6 +52,21 @@ def status_path(state_dir: Path) -> Path:
     return state_dir / "status.json"
 
 
+def daemon_running(state_dir: Path) -> bool:
+    """Whether a daemon holds this state dir's lock (robust to pid reuse)."""
+    try:
+        fd = os.open(lock_path(state_dir), os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def read_daemon_pid(state_dir: Path) -> int | None:
     try:
         return int(lock_path(state_dir).read_text().strip() or 0) or None
