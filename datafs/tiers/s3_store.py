@@ -1,0 +1,247 @@
+"""The S3 object store (AWS, MinIO, SeaweedFS, Ceph ...) on boto3.
+
+One object per chunk at `object_key(chunk_id, prefix)`; a chunk is at most
+4 MiB, so every upload is a single PutObject: no multipart state to clean up,
+and the upload is atomic (an object is either absent or whole).
+
+Invariants:
+- One boto3 client for the life of the store, shared by every worker thread
+  (clients are thread-safe, sessions are not, so the session is used only in
+  `__init__`). Its connection pool is sized for the callers' thread limiters.
+- boto3 retries at most once on its own: the callers back off and retry every
+  `StoreError(temporary=True)`, and two retry loops stacked would multiply.
+- Every boto failure becomes a `StoreError` in exactly one place,
+  `classify_error`, which decides `temporary`; `check()` is the one exception,
+  turning failures at mount time into a one-line `UsageError` for people.
+- Credentials are boto3's business (env, ~/.aws, instance profile); nothing
+  here reads, stores or logs them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionError as BotoConnectionError,
+    CredentialRetrievalError,
+    HTTPClientError,
+    IncompleteReadError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ReadTimeoutError,
+    SSLError,
+)
+
+from ..errors import ChunkMissing, StoreError, UsageError
+from .store import ObjectStore, object_key
+
+DEFAULT_REGION = "us-east-1"
+
+#: Enough pooled connections that ~32 worker threads (fetches + uploads) never
+#: wait for one or open throwaway connections ("Connection pool is full").
+MAX_POOL_CONNECTIONS = 64
+
+CONNECT_TIMEOUT_SECONDS = 5.0
+#: Per socket read, not per request: how long a stalled connection may stay
+#: silent before the request fails (temporary) and is retried by the caller.
+READ_TIMEOUT_SECONDS = 60.0
+
+#: `check()` must fail within a few seconds on a wrong endpoint, not after
+#: minutes of boto retries against a closed port or a black hole.
+CHECK_CONNECT_TIMEOUT_SECONDS = 2.0
+CHECK_READ_TIMEOUT_SECONDS = 5.0
+
+#: Error codes that mean "the service is busy or hiccuped: the same request may
+#: succeed later". Anything else with a 4xx status is a mistake a retry repeats.
+_TEMPORARY_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+    "RequestThrottledException", "TooManyRequests", "TooManyRequestsException", "RequestLimitExceeded",
+    "BandwidthLimitExceeded", "ServiceUnavailable", "InternalError", "RequestTimeout",
+    "RequestTimeoutException", "PriorRequestNotComplete",
+    # boto3 refreshes instance-profile credentials shortly before they expire;
+    # a request signed just before the refresh succeeds when retried.
+    "ExpiredToken", "ExpiredTokenException",
+})
+_TEMPORARY_STATUSES = frozenset({408, 429})
+_MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+_NO_BUCKET_CODES = frozenset({"NoSuchBucket"})
+_DENIED_CODES = frozenset({"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"})
+
+
+def _code_and_status(exc: ClientError) -> tuple[str, int]:
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    return code, status
+
+
+def classify_error(exc: Exception, action: str, chunk_id: str | None = None) -> StoreError:
+    """The one place that decides what a boto failure means for the callers.
+
+    `action` names the request for the message ("GET chunks/ab/cd/..").
+    With `chunk_id`, an absent object (NoSuchKey, a bare 404 from HEAD) is
+    `ChunkMissing`; a missing *bucket* never is: it is a configuration error.
+    """
+    if isinstance(exc, ClientError):
+        code, status = _code_and_status(exc)
+        message = exc.response.get("Error", {}).get("Message", "") or str(exc)
+        if chunk_id is not None and code in _MISSING_CODES:
+            return ChunkMissing(chunk_id)
+        temporary = code in _TEMPORARY_CODES or status in _TEMPORARY_STATUSES or status >= 500
+        return StoreError(f"{action} failed: {code or 'error'} (HTTP {status}): {message}", temporary=temporary)
+    if isinstance(exc, SSLError) and "certificate verify failed" in str(exc).lower():
+        # A certificate or CA-bundle problem: retrying will not fix it.
+        return StoreError(f"{action} failed: {exc}", temporary=False)
+    if isinstance(exc, (BotoConnectionError, HTTPClientError, IncompleteReadError, CredentialRetrievalError)):
+        # Refused/reset connections, connect and read timeouts, a body cut
+        # short, an instance-metadata hiccup: all may pass.
+        return StoreError(f"{action} failed: {exc}", temporary=True)
+    return StoreError(f"{action} failed: {type(exc).__name__}: {exc}", temporary=False)
+
+
+def _reason(exc: BotoCoreError) -> str:
+    """The useful tail of a connection error ("[Errno 111] Connection refused"),
+    without urllib3's connection-object prefix."""
+    error = getattr(exc, "kwargs", {}).get("error")
+    text = str(error) if error is not None else str(exc)
+    if text.startswith(("AWSHTTPConnection(", "AWSHTTPSConnection(")) and "): " in text:
+        return text.split("): ", 1)[1]
+    return text
+
+
+def _config(*, connect_timeout: float, read_timeout: float, max_attempts: int, region: str) -> Config:
+    return Config(
+        region_name=region,
+        signature_version="s3v4",
+        # Path-style works with every S3 clone and with bucket names that are
+        # not valid DNS labels; virtual-host style needs wildcard DNS.
+        s3={"addressing_style": "path"},
+        max_pool_connections=MAX_POOL_CONNECTIONS,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        retries={"max_attempts": max_attempts, "mode": "standard"},
+        tcp_keepalive=True,
+    )
+
+
+class S3Store(ObjectStore):
+    tier = "store"
+
+    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None):
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        session = boto3.session.Session()
+        self.region = region or session.region_name or DEFAULT_REGION
+        self._client = session.client(
+            "s3", endpoint_url=endpoint_url,
+            config=_config(connect_timeout=CONNECT_TIMEOUT_SECONDS, read_timeout=READ_TIMEOUT_SECONDS,
+                           max_attempts=2, region=self.region),
+        )
+        # A separate client for `check()` only: short timeouts and no retries,
+        # so a wrong endpoint is reported in seconds. Built here, not in
+        # check(), so the (non-thread-safe) session is touched in one place.
+        self._check_client = session.client(
+            "s3", endpoint_url=endpoint_url,
+            config=_config(connect_timeout=CHECK_CONNECT_TIMEOUT_SECONDS, read_timeout=CHECK_READ_TIMEOUT_SECONDS,
+                           max_attempts=1, region=self.region),
+        )
+        self.endpoint_url = self._client.meta.endpoint_url
+
+    def describe(self) -> str:
+        where = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+        return f"{where} at {self.endpoint_url}"
+
+    def _key(self, chunk_id: str) -> str:
+        return object_key(chunk_id, self.prefix)
+
+    def check(self) -> None:
+        """HEAD the bucket, and say in one line what is wrong if that fails.
+
+        Only HEAD: it needs no write permission and leaves nothing behind.
+        """
+        url, bucket = self.endpoint_url, self.bucket
+        try:
+            self._check_client.head_bucket(Bucket=bucket)
+        except (NoCredentialsError, PartialCredentialsError):
+            raise UsageError(
+                "no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                "or configure ~/.aws/credentials, AWS_PROFILE or an instance profile"
+            ) from None
+        except ReadTimeoutError:
+            raise UsageError(
+                f"object store at {url} accepted a connection but did not answer within "
+                f"{CHECK_READ_TIMEOUT_SECONDS:g} s: is that an S3 endpoint?"
+            ) from None
+        except (BotoConnectionError, HTTPClientError) as exc:
+            # Refused, DNS failure, connect timeout, TLS failure, connection reset.
+            raise UsageError(f"cannot reach object store at {url}: {_reason(exc)}") from None
+        except ClientError as exc:
+            code, status = _code_and_status(exc)
+            if status == 404 or code in _NO_BUCKET_CODES:
+                raise UsageError(f"bucket {bucket} does not exist at {url}") from None
+            if status == 403 or code in _DENIED_CODES:
+                raise UsageError(f"access denied to bucket {bucket}: check credentials") from None
+            if status == 301 or code == "PermanentRedirect":
+                actual = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-bucket-region")
+                hint = f" (it is in {actual}: pass that region)" if actual else ""
+                raise UsageError(f"bucket {bucket} is not in region {self.region}{hint}") from None
+            raise UsageError(f"object store at {url} refused HEAD of bucket {bucket}: {code} (HTTP {status})") from None
+        except BotoCoreError as exc:
+            raise UsageError(f"cannot use object store at {url}: {exc}") from None
+
+    def put_file(self, chunk_id: str, path: Path) -> None:
+        """One PutObject of the whole chunk file.
+
+        No HEAD first: keys are content hashes, so overwriting an existing
+        object rewrites the same bytes, and the round trip would cost more
+        than the rare duplicate upload. The file object (not its bytes) is
+        passed so 32 concurrent uploads do not hold 128 MiB in memory; it is
+        seekable, so boto can compute the checksum and rewind for its retry.
+        """
+        key = self._key(chunk_id)
+        try:
+            with open(path, "rb") as body:
+                self._client.put_object(Bucket=self.bucket, Key=key, Body=body)
+        except FileNotFoundError as exc:
+            raise StoreError(f"chunk file {path} vanished before upload: {exc}", temporary=False) from None
+        except OSError as exc:
+            raise StoreError(f"reading chunk file {path} for upload: {exc}", temporary=True) from None
+        except (ClientError, BotoCoreError) as exc:
+            raise classify_error(exc, f"PUT {key}") from None
+
+    def get(self, chunk_id: str) -> bytes:
+        """The whole object. botocore checks the length it read against
+        Content-Length (a short body raises, and is classified temporary);
+        the caller verifies the BLAKE3 hash."""
+        key = self._key(chunk_id)
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=key)
+            body = response["Body"]
+            try:
+                return body.read()
+            finally:
+                body.close()
+        except (ClientError, BotoCoreError) as exc:
+            raise classify_error(exc, f"GET {key}", chunk_id=chunk_id) from None
+
+    def exists(self, chunk_id: str) -> bool:
+        key = self._key(chunk_id)
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=key)
+        except (ClientError, BotoCoreError) as exc:
+            error = classify_error(exc, f"HEAD {key}", chunk_id=chunk_id)
+            if isinstance(error, ChunkMissing):
+                return False
+            raise error from None
+        return True
+
+    def delete(self, chunk_id: str) -> None:
+        """S3 DELETE succeeds for an absent key, so this is idempotent."""
+        key = self._key(chunk_id)
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=key)
+        except (ClientError, BotoCoreError) as exc:
+            raise classify_error(exc, f"DELETE {key}") from None
