@@ -138,7 +138,14 @@ class Daemon:
         orphans = self.meta.orphans()
         for ino in orphans:
             self.meta.delete_inode(ino)
-        stray = [chunk for chunk in self.cache.ids() if self.meta.chunk_refs(chunk) is None]
+        # Chunks no metadata references (sealed, never committed), and chunks
+        # whose file has the wrong size (fetched ones are not fsynced, so a
+        # power loss can leave them short): drop them; the store has the rest.
+        stray = []
+        for chunk, size in self.cache.sizes().items():
+            record = self.meta.chunk_record(chunk)
+            if record is None or record[1] != size:
+                stray.append(chunk)
         for chunk in stray:
             self.cache.remove(chunk)
         if orphans or stray:

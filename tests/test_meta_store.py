@@ -142,7 +142,7 @@ def test_refcounts_dedup_pending_and_garbage(meta):
     b = meta.mknode(ROOT_INODE, b"b", FILE, 0, 0)
     assert meta.commit_content(a.ino, C + 20, {0: ref(1), 1: ref(2)}) == [ref(1).chunk_id, ref(2).chunk_id]
     assert meta.commit_content(b.ino, 10, {0: ref(1)}) == []  # dedup: not new
-    assert meta.chunk_refs(ref(1).chunk_id) == 2
+    assert meta.chunk_record(ref(1).chunk_id) == (2, 10)
     assert {p[0] for p in meta.pending_uploads()} == {ref(1).chunk_id, ref(2).chunk_id}
     meta.mark_uploaded([ref(1).chunk_id])
     assert [p[0] for p in meta.pending_uploads()] == [ref(2).chunk_id]
@@ -158,8 +158,8 @@ def test_refcounts_dedup_pending_and_garbage(meta):
     meta.delete_inode(b.ino)
     assert set(meta.garbage()) == {ref(2).chunk_id}
     assert meta.drop_chunk_if_unreferenced(ref(2).chunk_id) is True
-    assert meta.chunk_refs(ref(2).chunk_id) is None
-    assert meta.chunk_refs(ref(1).chunk_id) == 1
+    assert meta.chunk_record(ref(2).chunk_id) is None
+    assert meta.chunk_record(ref(1).chunk_id) == (1, 10)
 
 
 def test_commit_drop_from_removes_truncated_tail(meta):

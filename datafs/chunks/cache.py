@@ -60,6 +60,10 @@ class ChunkCache:
                 self.size_bytes += size
         metrics.CACHE_BYTES.set(self.size_bytes)
 
+    def sizes(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._lru)
+
     def ids(self) -> list[str]:
         with self._lock:
             return list(self._lru)
@@ -90,8 +94,10 @@ class ChunkCache:
             return chunk_id in self._lru
 
     # ---- data ------------------------------------------------------------------------
-    def put(self, chunk_id: str, data: bytes | bytearray | memoryview) -> bool:
-        """Store a chunk unless present. Returns True if it was written."""
+    def put(self, chunk_id: str, data: bytes | bytearray | memoryview, durable: bool = True) -> bool:
+        """Store a chunk unless present. Returns True if it was written.
+        `durable` fsyncs it first: needed for new chunks (nowhere else yet), not
+        for chunks fetched from a tier that keeps them (a crash only costs a re-fetch)."""
         with self._lock:
             if chunk_id in self._lru:
                 self._lru.move_to_end(chunk_id)
@@ -103,7 +109,8 @@ class ChunkCache:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)

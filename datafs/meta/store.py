@@ -319,10 +319,11 @@ class MetaStore:
         with self.kv.read() as t:
             return t.get(b"u" + bytes.fromhex(chunk_id)) is not None
 
-    def chunk_refs(self, chunk_id: str) -> int | None:
+    def chunk_record(self, chunk_id: str) -> tuple[int, int] | None:
+        """(reference count, length) of a chunk this store knows, else None."""
         with self.kv.read() as t:
             raw = t.get(b"r" + bytes.fromhex(chunk_id))
-        return None if raw is None else _REF.unpack(raw)[0]
+        return None if raw is None else _REF.unpack(raw)
 
     def garbage(self, limit: int = 1024) -> list[str]:
         out = []

@@ -87,7 +87,7 @@ class ChunkSource:
         event = self._inflight[ref.chunk_id] = trio.Event()
         try:
             data = await self._fetch_verified(ref)
-            await trio.to_thread.run_sync(self.cache.put, ref.chunk_id, data, limiter=self.disk_limiter)
+            await trio.to_thread.run_sync(self.cache.put, ref.chunk_id, data, False, limiter=self.disk_limiter)
             return data
         finally:
             del self._inflight[ref.chunk_id]
