@@ -190,3 +190,47 @@ def test_bad_store_settings_fail_before_mounting(tmp_path, s3):
         assert expected in result.stderr and "Traceback" not in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
         assert not os.path.ismount(mnt)
+
+
+def _cached_chunks(state_dir: Path) -> set[str]:
+    root = state_dir / "cache" / "chunks"
+    return {p.name for p in root.rglob("*/*")} if root.exists() else set()
+
+
+def test_warmup_fills_an_empty_cache_so_reads_survive_a_store_outage(mount_factory, s3, bucket):
+    m = s3_mount(mount_factory, s3, bucket)
+    (m.path / "model" / "shards").mkdir(parents=True)
+    files = {f"model/shards/{i}.bin": os.urandom(C + i * 1000) for i in range(3)}
+    files["model/config.json"] = b'{"layers": 2}\n'
+    for name, data in files.items():
+        write(m.path / name, data)
+    run_cli("sync", str(m.path))
+    _cold_remount(m)
+    assert _cached_chunks(m.state_dir) == set()
+    result = run_cli("warmup", str(m.path / "model"))
+    assert "warmed 4 files" in result.stdout, result.stdout
+    wanted = {c for data in files.values() for c in expected_chunks(data)}
+    assert wanted <= _cached_chunks(m.state_dir)
+    s3.stop()  # everything must now come from the local cache
+    try:
+        for name, data in files.items():
+            assert sha((m.path / name).read_bytes()) == sha(data), name
+    finally:
+        s3.start()
+
+
+def test_warmup_of_a_missing_path_is_one_line_and_nonzero(datafs_mount):
+    result = run_cli("warmup", str(datafs_mount.path / "nope"), check=False)
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
+
+
+def test_fsync_can_wait_for_the_object_store(mount_factory, s3, bucket):
+    m = s3_mount(mount_factory, s3, bucket, env={"DATAFS_FSYNC_WAITS_UPLOAD": "1"})
+    data = os.urandom(2 * C + 9)
+    with open(m.path / "f", "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        # No `datafs sync`: fsync itself returned only once the bucket had it.
+        assert {object_key(c, "fleet") for c in expected_chunks(data)} <= bucket_keys(s3, bucket)
