@@ -189,6 +189,12 @@ class Operations(pyfuse3.Operations):
         # The kernel has already applied the umask (no FUSE_DONT_MASK without ACLs).
         return self.meta.mknode(parent, name, mode, ctx.uid, gid, **kwargs)
 
+    async def _truncate(self, node: Inode, size_bytes: int) -> FileContent:
+        content = self._content(node)
+        await content.truncate(size_bytes)
+        await content.commit()
+        return content
+
     async def _maybe_delete(self, ino: int) -> None:
         """Free an inode once it has no name, no lookup and no open handle."""
         if self.lookups.get(ino, 0) > 0 or self.open_count.get(ino, 0) > 0:
@@ -219,9 +225,7 @@ class Operations(pyfuse3.Operations):
                 raise errors.IsDirectory(f"inode {inode}")
             if not node.is_reg:
                 raise errors.Invalid(f"inode {inode} is not a regular file")
-            content = self._content(node)
-            await content.truncate(attr.st_size)
-            await content.commit()
+            content = await self._truncate(node, attr.st_size)
             if self.open_count.get(inode, 0) == 0 and not content.dirty:
                 self.contents.pop(inode, None)
         changes: dict[str, int] = {}
@@ -343,6 +347,10 @@ class Operations(pyfuse3.Operations):
         node = self.meta.get_inode(inode)
         if node.is_dir:
             raise errors.IsDirectory(f"inode {inode}")
+        if flags & os.O_TRUNC and node.is_reg:
+            # libfuse asks for FUSE_CAP_ATOMIC_O_TRUNC, so the kernel passes
+            # O_TRUNC here instead of sending a setattr first.
+            await self._truncate(node, 0)
         return self._open_handle(node)
 
     @_fuse_op
@@ -360,7 +368,10 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._handle(fh)
         handle.note_read(off, size)
-        return await handle.content.read(off, size)
+        try:
+            return await handle.content.read(off, size)
+        except errors.FsError as exc:  # the chunk's error, plus which file it broke
+            raise errors.FsError(f"reading inode {handle.ino} at offset {off}: {exc}", exc.errno) from exc
 
     @_fuse_op
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -151,6 +151,8 @@ def test_corrupted_object_is_detected_never_returned(mount_factory, s3, bucket):
         (m.path / "f").read_bytes()
     assert exc.value.errno == 5  # EIO
     assert "failed verification" in m.log
+    ino = os.stat(m.path / "f").st_ino
+    assert f"reading inode {ino}" in m.log and chunk_id(data) in m.log  # names the file and the chunk
     s3.client().put_object(Bucket=bucket, Key=key, Body=data)  # repaired: reads work again
     assert (m.path / "f").read_bytes() == data
 
