@@ -154,19 +154,21 @@ class FileContent:
         end = min(offset + size, self.size)
         if offset >= end:
             return b""
-        first, last = offset // C, (end - 1) // C
-        committed = self.svc.meta.chunks(self.ino, first, last)
         pieces = []
         pos = offset
         while pos < end:
             index, start = divmod(pos, C)
             stop = min(C, end - index * C)
-            pieces.append(await self._read_piece(index, start, stop, committed))
+            pieces.append(await self._read_piece(index, start, stop))
             pos = index * C + stop
         # Most requests fall inside one chunk: hand that piece on uncopied.
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-    async def _read_piece(self, index: int, start: int, stop: int, committed: dict[int, ChunkRef]) -> bytes:
+    async def _read_piece(self, index: int, start: int, stop: int) -> bytes:
+        # The overlay and the committed chunk list are read together, with no
+        # await in between: a commit moves buffered chunks from one to the other
+        # in one step, so a chunk list fetched before an earlier piece's await
+        # can miss a chunk the overlay no longer holds, and read it as zeros.
         entry = self.entries.get(index, _MISSING)
         if isinstance(entry, _Sealing):
             entry = entry.buffer
@@ -176,7 +178,7 @@ class FileContent:
                 entry.fill(base)
             return bytes(entry.data[start:stop])
         if entry is _MISSING:
-            ref, limit = self._visible(index, committed.get(index))
+            ref, limit = self._committed(index)
         else:
             ref, limit = entry, (entry.length if entry else 0)
         data = b""
