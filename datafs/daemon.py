@@ -18,6 +18,7 @@ import fcntl
 import json
 import logging
 import os
+import resource
 import signal
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ import pyfuse3
 import trio
 
 from . import mounts
-from .chunks.cache import ChunkCache
+from .chunks.cache import FD_CACHE_SIZE, ChunkCache
 from .chunks.content import ContentService
 from .config import Settings
 from .errors import UsageError
@@ -74,6 +75,16 @@ def read_daemon_pid(state_dir: Path) -> int | None:
         return None
 
 
+def _raise_open_file_limit() -> None:
+    """The chunk cache keeps up to FD_CACHE_SIZE descriptors open; the usual
+    soft limit of 1024 would leave nothing for FUSE, LMDB and sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = FD_CACHE_SIZE + 4096
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+
+
 class Daemon:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -108,6 +119,7 @@ class Daemon:
 
     def prepare(self) -> None:
         s = self.settings
+        _raise_open_file_limit()
         self.kv = LmdbKV(str(s.lmdb_dir))
         self.meta = MetaStore(self.kv)
         self.meta.init_root()

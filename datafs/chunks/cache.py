@@ -8,7 +8,13 @@ pins are held for chunks that exist nowhere else (sealed but not committed, or
 committed but not yet uploaded). Pins and eviction take the same lock, so a
 chunk cannot be evicted between being pinned and being used.
 
-Methods that touch the disk block; callers run them in worker threads.
+Open descriptors are kept in a small LRU. Each counts its users, and one that
+is evicted or forgotten is closed only once its last reader is done: a
+descriptor number closed under a reader could be reused by another open, and
+the read would return another chunk's bytes.
+
+Methods that touch the disk block; callers run them in worker threads, except
+`read_resident`, which never waits for the disk and runs on the event loop.
 """
 
 from __future__ import annotations
@@ -25,7 +31,21 @@ from .. import metrics
 
 log = logging.getLogger(__name__)
 
-_FD_CACHE_SIZE = 64
+#: Open chunk descriptors kept (4 GiB of chunks). Random readers of a large
+#: file touch every chunk; a smaller LRU reopened (and re-read ahead) a chunk
+#: on most reads. The daemon raises its open-file limit to fit (daemon.py).
+FD_CACHE_SIZE = 1024
+
+
+class _Open:
+    """A cached chunk's descriptor, with its readers counted."""
+
+    __slots__ = ("fd", "users", "retired")
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.users = 0
+        self.retired = False
 
 
 class ChunkCache:
@@ -38,7 +58,7 @@ class ChunkCache:
         self._lock = threading.Lock()
         self._lru: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._pins: collections.Counter[str] = collections.Counter()
-        self._fds: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._fds: collections.OrderedDict[str, _Open] = collections.OrderedDict()
         self.size_bytes = 0
 
     # ---- start-up ----------------------------------------------------------------
@@ -133,49 +153,95 @@ class ChunkCache:
 
     def read(self, chunk_id: str, offset: int, size: int) -> bytes | None:
         """Bytes [offset, offset+size) of a cached chunk, or None if it is not here."""
-        fd = self._fd(chunk_id)
-        if fd is None:
+        handle = self._acquire(chunk_id)
+        if handle is None:
             return None
         try:
-            return os.pread(fd, size, offset)
-        except OSError as exc:
-            if exc.errno != errno.EBADF:
-                raise
-            # Closed by eviction or the fd cache meanwhile: read through a fresh fd.
-            try:
-                with open(self.path(chunk_id), "rb") as f:
-                    f.seek(offset)
-                    return f.read(size)
-            except FileNotFoundError:
-                return None
+            return os.pread(handle.fd, size, offset)
+        finally:
+            self._done(handle)
 
-    def _fd(self, chunk_id: str) -> int | None:
-        """An open descriptor for a cached chunk, from a small LRU of them."""
+    def read_resident(self, chunk_id: str, offset: int, size: int) -> bytes | None:
+        """The bytes if the chunk is open and they are in memory now (RWF_NOWAIT),
+        else None: never waits for the disk, so it can run on the event loop and
+        spare small reads the hop to a worker thread."""
+        with self._lock:
+            handle = self._fds.get(chunk_id)
+            if handle is None:
+                return None
+            handle.users += 1
+        try:
+            buf = bytearray(size)
+            try:
+                got = os.preadv(handle.fd, [buf], offset, os.RWF_NOWAIT)
+            except OSError:  # EAGAIN: not in memory; EOPNOTSUPP: no RWF_NOWAIT here
+                return None
+            return bytes(buf) if got == size else None
+        finally:
+            self._done(handle)
+
+    def is_open(self, chunk_id: str) -> bool:
+        with self._lock:
+            return chunk_id in self._fds
+
+    def open_ahead(self, chunk_id: str) -> None:
+        """Open a cached chunk before it is read, starting its disk read-ahead."""
+        handle = self._acquire(chunk_id)
+        if handle is not None:
+            self._done(handle)
+
+    def _acquire(self, chunk_id: str) -> _Open | None:
+        """The open descriptor of a cached chunk (from a small LRU), counted as
+        in use until `_done`; None if the chunk is not cached."""
         with self._lock:
             if chunk_id not in self._lru:
                 return None
             self._lru.move_to_end(chunk_id)
-            fd = self._fds.get(chunk_id)
-            if fd is not None:
+            handle = self._fds.get(chunk_id)
+            if handle is not None:
                 self._fds.move_to_end(chunk_id)
-        if fd is None:
-            try:
-                fd = os.open(self.path(chunk_id), os.O_RDONLY)
-            except FileNotFoundError:
-                self._forget(chunk_id)
-                return None
-            # Readers come in 1 MiB requests; ask the kernel to read the whole
-            # chunk ahead now instead of a small window per request.
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            with self._lock:
-                if chunk_id in self._fds:  # another thread opened it meanwhile
-                    os.close(fd)
-                    fd = self._fds[chunk_id]
-                else:
-                    self._fds[chunk_id] = fd
-                    while len(self._fds) > _FD_CACHE_SIZE:
-                        os.close(self._fds.popitem(last=False)[1])
-        return fd
+                handle.users += 1
+                return handle
+        try:
+            fd = os.open(self.path(chunk_id), os.O_RDONLY)
+        except FileNotFoundError:
+            self._forget(chunk_id)
+            return None
+        # Readers come in 1 MiB requests; ask the kernel to read the whole
+        # chunk ahead now instead of a small window per request.
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        retired = []
+        with self._lock:
+            handle = self._fds.get(chunk_id)
+            if handle is None:
+                handle = self._fds[chunk_id] = _Open(fd)
+                fd = -1
+                while len(self._fds) > FD_CACHE_SIZE:
+                    retired.append(self._fds.popitem(last=False)[1])
+            handle.users += 1
+        if fd >= 0:  # another thread opened it meanwhile
+            os.close(fd)
+        for old in retired:
+            self._retire(old)
+        return handle
+
+    def _done(self, handle: _Open) -> None:
+        with self._lock:
+            handle.users -= 1
+            close = handle.retired and handle.users == 0
+        if close:
+            os.close(handle.fd)
+
+    def _retire(self, handle: _Open) -> None:
+        with self._lock:
+            self._retire_locked(handle)
+
+    @staticmethod
+    def _retire_locked(handle: _Open) -> None:
+        """Close a descriptor that left the LRU, now or when its last reader is done."""
+        handle.retired = True
+        if handle.users == 0:
+            os.close(handle.fd)
 
     def remove(self, chunk_id: str) -> None:
         self._forget(chunk_id, unlink=True)
@@ -187,9 +253,9 @@ class ChunkCache:
             size = self._lru.pop(chunk_id, None)
             if size is not None:
                 self.size_bytes -= size
-            fd = self._fds.pop(chunk_id, None)
-        if fd is not None:
-            os.close(fd)
+            handle = self._fds.pop(chunk_id, None)
+        if handle is not None:
+            self._retire(handle)
         metrics.CACHE_BYTES.set(self.size_bytes)
 
     # ---- eviction ----------------------------------------------------------------------
@@ -220,9 +286,9 @@ class ChunkCache:
                 if self._pins.get(chunk_id, 0) == 0:
                     del self._lru[chunk_id]
                     self.size_bytes -= size
-                    fd = self._fds.pop(chunk_id, None)
-                    if fd is not None:
-                        os.close(fd)
+                    handle = self._fds.pop(chunk_id, None)
+                    if handle is not None:
+                        self._retire_locked(handle)
                     # Unlinked under the lock: a concurrent put of the same id
                     # must not have its fresh file removed by this eviction.
                     self.path(chunk_id).unlink(missing_ok=True)
@@ -231,6 +297,6 @@ class ChunkCache:
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
+            for handle in self._fds.values():
+                self._retire_locked(handle)
             self._fds.clear()
