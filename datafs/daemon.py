@@ -136,7 +136,7 @@ class Daemon:
         self.meta_limiter = trio.CapacityLimiter(1)
         self.source = ChunkSource(self.cache, self.store, wait_timeout_seconds=s.chunk_wait_timeout_seconds)
         self.uploader = Uploader(self.meta, self.cache, self.store, self.meta_limiter, s.upload_concurrency)
-        self.source.wait_for_uploads = self.uploader.wait_progress
+        self.source.connect_uploader(self.uploader)
         self.collector = Collector(self.meta, self.source, self.meta_limiter)
         self.content = ContentService(self.meta, self.source, self.meta_limiter, self.uploader.enqueue, s.write_buffer_bytes)
         self.ops = Operations(

@@ -8,6 +8,15 @@ pinned in the cache until the store has it. Uploads never give up on a
 committed chunk: temporary and permanent failures alike are retried with capped
 exponential backoff and jitter, and reported in logs, metrics and `status`.
 
+Chunks also start uploading as soon as they are sealed, before their file is
+committed (`upload_sealed`): that overlaps uploading with writing, and lets a
+file larger than the cache be written, because a sealed chunk the store has
+needs no cache pin. Such an early upload is retried only while the chunk is
+still held for its commit; the commit then queues it as usual, and the
+durable path finds it in the store and only marks it uploaded. A file that is
+never committed (deleted while open, or a crash) may leave its early chunks
+in the store unreferenced.
+
 The collector deletes chunks whose reference count fell to zero. It skips
 pinned chunks (being sealed for a new commit, or uploading), and marks the ones
 it is deleting so a concurrent seal of the same bytes waits and writes afresh.
@@ -19,6 +28,7 @@ import collections
 import logging
 import random
 import time
+from typing import Callable
 
 import trio
 
@@ -48,6 +58,12 @@ class Uploader:
         self._retry_now = trio.Event()
         self.failing: dict[str, str] = {}
         self.uploaded_bytes = 0
+        self._early: dict[str, trio.Event] = {}  # early uploads in flight
+        self._nursery: trio.Nursery | None = None
+        # Told when a chunk is in the store (the chain drops its seal pin).
+        self.on_stored: Callable[[str], None] = lambda chunk: None
+        # Whether an early upload is still wanted (the chunk is still sealed).
+        self.still_sealed: Callable[[str], bool] = lambda chunk: False
 
     @property
     def pending_count(self) -> int:
@@ -64,6 +80,27 @@ class Uploader:
         metrics.UPLOADS_PENDING.set(len(self._queued))
         if chunk_ids:
             self._wake.set()
+
+    def upload_sealed(self, chunk: str) -> None:
+        """Start uploading a chunk that is sealed but not yet committed."""
+        if self._nursery is None or chunk in self._early or chunk in self._queued:
+            return
+        self._early[chunk] = trio.Event()
+        self._nursery.start_soon(self._upload_early, chunk)
+
+    async def _upload_early(self, chunk: str) -> None:
+        try:
+            if await self._upload(chunk, keep_trying=lambda: self.still_sealed(chunk) and chunk not in self._queued):
+                self.on_stored(chunk)
+                self._signal_progress()
+            elif chunk not in self._queued:  # discarded before it was committed: not a failure to report
+                self.failing.pop(chunk, None)
+        finally:
+            self._early.pop(chunk).set()
+
+    def _signal_progress(self) -> None:
+        self._progress.set()
+        self._progress = trio.Event()
 
     async def wait_idle(self) -> None:
         """Return once nothing is pending (used by clean shutdown)."""
@@ -101,6 +138,7 @@ class Uploader:
         self.enqueue([chunk for chunk, _, _ in pending])
         send, receive = trio.open_memory_channel[str](self.concurrency)
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             for _ in range(self.concurrency):
                 nursery.start_soon(self._worker, receive.clone())
             task_status.started()
@@ -114,16 +152,21 @@ class Uploader:
     async def _worker(self, receive: trio.MemoryReceiveChannel[str]) -> None:
         async with receive:
             async for chunk in receive:
+                early = self._early.get(chunk)
+                if early is not None:  # let it finish: then the store has it, or it stops retrying
+                    await early.wait()
                 await self._upload(chunk)
                 self._queued.discard(chunk)
                 self.cache.unpin(chunk)
+                self.on_stored(chunk)
                 metrics.UPLOADS_PENDING.set(len(self._queued))
-                self._progress.set()
-                self._progress = trio.Event()
+                self._signal_progress()
 
-    async def _upload(self, chunk: str) -> None:
+    async def _upload(self, chunk: str, keep_trying: Callable[[], bool] = lambda: True) -> bool:
+        """Put one chunk in the store (unless it is there) and mark it uploaded.
+        Retries until it succeeds or `keep_trying()` says to stop; returns success."""
         delay = 0.2
-        while True:
+        while keep_trying():
             started = time.monotonic()
             try:
                 if not await trio.to_thread.run_sync(self.store.exists, chunk, limiter=self.limiter):
@@ -137,7 +180,7 @@ class Uploader:
                 metrics.UPLOAD_SECONDS.observe(time.monotonic() - started)
                 if self.failing.pop(chunk, None) is not None:
                     log.warning("chunk upload recovered", extra={"chunk": chunk})
-                return
+                return True
             except (errors.StoreError, OSError) as exc:
                 metrics.UPLOADS.labels("error").inc()
                 first = chunk not in self.failing
@@ -148,6 +191,7 @@ class Uploader:
                 with trio.move_on_after(delay * random.uniform(0.5, 1.0)):
                     await self._retry_now.wait()
                 delay = min(delay * 2, MAX_BACKOFF_SECONDS)
+        return False
 
 
 class Collector:
@@ -175,7 +219,7 @@ class Collector:
         deleted = 0
         cache, store = self.source.cache, self.source.store
         for chunk in await trio.to_thread.run_sync(self.meta.garbage, limiter=self.meta_limiter):
-            if cache.is_pinned(chunk) or chunk in self.source.deleting:
+            if self.source.is_held(chunk) or chunk in self.source.deleting:
                 continue
             done = self.source.deleting[chunk] = trio.Event()
             try:

@@ -76,7 +76,7 @@ class Stack:
         limiter = trio.CapacityLimiter(1)
         self.source = ChunkSource(self.cache, self.store, wait_timeout_seconds=wait_timeout)
         self.uploader = Uploader(self.meta, self.cache, self.store, limiter, concurrency=4)
-        self.source.wait_for_uploads = self.uploader.wait_progress
+        self.source.connect_uploader(self.uploader)
         self.collector = Collector(self.meta, self.source, limiter, interval_seconds=3600)
         self.svc = ContentService(self.meta, self.source, limiter, self.uploader.enqueue, 64 << 20)
         self.svc.nursery = nursery
@@ -361,3 +361,19 @@ async def test_full_cache_that_never_drains_is_enospc_and_keeps_committed_data(t
     assert exc.value.errno == errno.ENOSPC
     assert await s.read_file(ino) == first
     assert len(s.meta.pending_uploads()) == 2
+
+
+async def test_full_chunks_upload_while_the_file_is_still_open(stack, nursery):
+    await nursery.start(stack.uploader.run)
+    data = os.urandom(2 * C + 5)
+    fi, attrs = await stack.ops.create(ROOT_INODE, b"big", 0o644, os.O_RDWR, Ctx())
+    await stack.ops.write(fi.fh, 0, data)
+    first, second = chunk_id(data[:C]), chunk_id(data[C:2 * C])
+    with trio.fail_after(10):
+        while not (stack.store.exists(first) and stack.store.exists(second)):
+            await trio.sleep(0.01)
+    assert not stack.meta.pending_uploads()  # nothing committed yet: the file is open
+    await stack.ops.release(fi.fh)
+    await stack.uploader.wait_idle()
+    assert stack.store.puts == 3  # the commit found the early two in the store: no second put
+    assert await stack.read_file(attrs.st_ino) == data

@@ -13,14 +13,20 @@ they are fetched into the cache in the background, at most `prefetch_chunks` at
 a time (that bounds the memory in flight), so a cold sequential read keeps many
 requests to the store in flight instead of one.
 
-Sealing is the write side: hash a buffer, pin the id in the cache (so nothing
-evicts or garbage-collects it before the metadata commit), store it.
+Sealing is the write side: hash a buffer, hold the id (so the collector does
+not delete it before the metadata commit), pin it in the cache (so nothing
+evicts the only copy), store it, and hand it to the uploader at once: chunks
+are immutable, so they can go to the object store while the file is still
+being written. Once the store has a sealed chunk its pin goes, so a file
+larger than the cache can be written while uploads keep up; the hold stays
+until the commit `release`s it.
 
 All blocking work runs in worker threads, each resource behind its own limiter.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import random
@@ -63,7 +69,20 @@ class ChunkSource:
         # chunks, a writer waits this long for uploads to free space, then ENOSPC.
         self.space_wait_seconds = space_wait_seconds
         self.wait_for_uploads: Callable[[], Awaitable[None]] | None = None
+        # Called with each newly sealed chunk id (the uploader starts on it).
+        self.on_sealed: Callable[[str], None] = lambda chunk: None
+        # Seal holds not yet released, per chunk; and the held chunks the
+        # object store already has, whose cache pins were dropped.
+        self._held: collections.Counter[str] = collections.Counter()
+        self._stored: set[str] = set()
         self.nursery: trio.Nursery | None = None
+
+    def connect_uploader(self, uploader) -> None:
+        """Wire the uploader in: sealed chunks go to it, stalled writers wait on it."""
+        self.wait_for_uploads = uploader.wait_progress
+        self.on_sealed = uploader.upload_sealed
+        uploader.on_stored = self.mark_stored
+        uploader.still_sealed = self.is_sealed
 
     # ---- reads -----------------------------------------------------------------
     async def read(self, ref: ChunkRef, offset: int, size: int) -> bytes:
@@ -171,16 +190,44 @@ class ChunkSource:
         """Hash and store a chunk in the local cache; the returned id is pinned
         until the caller passes it to `release` after the metadata commit."""
         chunk = await trio.to_thread.run_sync(hash_chunk, data, limiter=self.disk_limiter)
-        self.cache.pin(chunk)
+        self._hold(chunk)
         try:
             while chunk in self.deleting:
                 await self.deleting[chunk].wait()
             await self._store_with_backpressure(chunk, data)
         except BaseException:
-            self.cache.unpin(chunk)
+            self._release(chunk)
             raise
         metrics.CHUNKS_SEALED.inc()
+        self.on_sealed(chunk)
         return ChunkRef(chunk, len(data))
+
+    def _hold(self, chunk: str) -> None:
+        self._held[chunk] += 1
+        if chunk not in self._stored:
+            self.cache.pin(chunk)
+
+    def _release(self, chunk: str) -> None:
+        if chunk not in self._stored:
+            self.cache.unpin(chunk)
+        self._held[chunk] -= 1
+        if self._held[chunk] <= 0:
+            del self._held[chunk]
+            self._stored.discard(chunk)
+
+    def mark_stored(self, chunk: str) -> None:
+        """The object store has this chunk now: a held chunk needs no cache pin."""
+        if chunk in self._held and chunk not in self._stored:
+            self._stored.add(chunk)
+            for _ in range(self._held[chunk]):
+                self.cache.unpin(chunk)
+
+    def is_held(self, chunk: str) -> bool:
+        """Sealed for a commit that has not happened yet, or pinned: not garbage."""
+        return chunk in self._held or self.cache.is_pinned(chunk)
+
+    def is_sealed(self, chunk: str) -> bool:
+        return chunk in self._held
 
     async def _store_with_backpressure(self, chunk: str, data: bytes | bytearray | memoryview) -> None:
         """Put a chunk in the cache. If the cache (its byte limit, or the disk) is
@@ -206,4 +253,5 @@ class ChunkSource:
                 await self.wait_for_uploads()
 
     def release(self, ref: ChunkRef) -> None:
-        self.cache.unpin(ref.chunk_id)
+        """Drop the hold `seal` took (after the commit, or when the file is discarded)."""
+        self._release(ref.chunk_id)
