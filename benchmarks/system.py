@@ -15,6 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from datafs.mounts import pid_alive
+
 
 def drop_page_cache() -> str | None:
     """Write dirty pages back, then drop the page cache, dentries and inodes.
@@ -61,24 +63,9 @@ def lazy_unmount(path: Path) -> None:
             continue
 
 
-def alive(pid: int) -> bool:
-    """Running and not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def wait_gone(pid: int, timeout_seconds: float) -> bool:
     deadline = time.monotonic() + timeout_seconds
-    while alive(pid):
+    while pid_alive(pid):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)

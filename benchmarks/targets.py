@@ -35,6 +35,8 @@ from pathlib import Path
 
 from botocore.exceptions import ClientError
 
+from datafs.mounts import pid_alive
+
 from . import system
 from .errors import BenchError
 from .objstore import prepare_bucket
@@ -223,7 +225,7 @@ class DatafsTarget(Target):
         # The pid in the lock file is ours only while the lock is held: a
         # stale pid may belong to anyone by now.
         pid = self.daemon_pid
-        if pid and daemon_running(self.state_dir) and system.alive(pid):
+        if pid and daemon_running(self.state_dir) and pid_alive(pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -198,21 +198,6 @@ def _datafs_mount(mountpoint: str) -> mounts.MountInfo:
     return info
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours counts as gone.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return False
-
-
 def cmd_umount(args: argparse.Namespace) -> int:
     from .daemon import read_daemon_pid
 
@@ -229,7 +214,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
         return 0
     deadline = time.monotonic() + args.timeout
     shown = False
-    while _alive(pid):
+    while mounts.pid_alive(pid):
         if time.monotonic() > deadline:
             raise UsageError(f"unmounted, but the daemon (pid {pid}) is still finishing after {args.timeout:.0f} s")
         if not shown and sys.stderr.isatty() and time.monotonic() > deadline - args.timeout + 1:
@@ -279,7 +264,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     oldest = max(((now_ns - p[2]) / 1e9 for p in pending), default=0.0)
     print(f"mountpoint:       {info.mountpoint}")
     print(f"state dir:        {info.state_dir}")
-    print(f"daemon:           {'running' if pid and _alive(pid) else 'not running'}" + (f" (pid {pid})" if pid else ""))
+    print(f"daemon:           {'running' if pid and mounts.pid_alive(pid) else 'not running'}" + (f" (pid {pid})" if pid else ""))
     print(f"inodes:           {counts['inodes']}")
     print(f"pending uploads:  {len(pending)} chunks, {_format_bytes(sum(p[1] for p in pending))}, oldest {oldest:.1f} s")
     if live:

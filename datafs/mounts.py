@@ -1,4 +1,4 @@
-"""Reading the kernel's mount table, so the CLI can tell what is mounted where."""
+"""Reading the kernel's tables: what is mounted where, and which processes live."""
 
 from __future__ import annotations
 
@@ -42,3 +42,18 @@ def find_mount(path: Path | str) -> MountInfo | None:
             if _unescape(fields[4]) == target:
                 found = MountInfo(_unescape(fields[4]), rest[0], _unescape(rest[1]), fields[2])
     return found
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` runs: a zombie (exited, not yet reaped) counts as gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False

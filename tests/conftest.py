@@ -20,6 +20,8 @@ from typing import Callable, Iterator
 
 import pytest
 
+from datafs.mounts import pid_alive
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -88,7 +90,7 @@ class Mount:
                     _wait_gone(pid)
                 subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True)
         pid = self.pid
-        if pid and _alive(pid):
+        if pid and pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
             _wait_gone(pid)
 
@@ -98,21 +100,9 @@ class Mount:
             return any(target in line for line in f)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return False
-
-
 def _wait_gone(pid: int, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
+    while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
 
 

@@ -30,6 +30,7 @@ from botocore.stub import Stubber
 
 from datafs.devtools.seaweed import SeaweedServer, weed_binary
 from datafs.errors import ChunkMissing, StoreError, UsageError
+from datafs.mounts import pid_alive
 from datafs.tiers.s3_store import S3Store, classify_error
 from datafs.tiers.store import open_store
 
@@ -45,14 +46,6 @@ def _leftover_sockets(base_port: int) -> list[Path]:
     return [p for port in range(base_port, base_port + 8) for p in Path("/tmp").glob(f"seaweedfs-*-{port}.sock")]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1][0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
     """A running SeaweedFS with BUCKET created; stopped by PID afterwards."""
@@ -61,7 +54,7 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]
         server.create_bucket(BUCKET)
         pid = server.pid
         yield server
-    assert not _pid_alive(pid), f"weed (pid {pid}) survived stop()"
+    assert not pid_alive(pid), f"weed (pid {pid}) survived stop()"
     assert not _leftover_sockets(BASE_PORT)
 
 
@@ -313,9 +306,9 @@ def test_seaweed_stop_is_idempotent(tmp_path: Path) -> None:
     server.stop()  # before start: nothing to do
     server.start()
     pid = server.pid
-    assert server.running and _pid_alive(pid)
+    assert server.running and pid_alive(pid)
     server.stop(grace_seconds=1)
-    assert not server.running and not _pid_alive(pid)
+    assert not server.running and not pid_alive(pid)
     assert not _leftover_sockets(LAUNCHER_TEST_BASE_PORT)
     server.stop()
     server.stop(grace_seconds=0)

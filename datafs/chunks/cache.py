@@ -20,7 +20,6 @@ Methods that touch the disk block; callers run them in worker threads, except
 from __future__ import annotations
 
 import collections
-import errno
 import logging
 import os
 import threading
