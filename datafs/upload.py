@@ -175,7 +175,8 @@ class Uploader:
                     await trio.to_thread.run_sync(self.store.put_file, chunk, path, limiter=self.limiter)
                     metrics.UPLOAD_BYTES.inc(size)
                     self.uploaded_bytes += size
-                await trio.to_thread.run_sync(self.meta.mark_uploaded, [chunk], limiter=self.meta_limiter)
+                if self.meta.is_pending(chunk):  # an early upload usually is not, yet: no write
+                    await trio.to_thread.run_sync(self.meta.mark_uploaded, [chunk], limiter=self.meta_limiter)
                 metrics.UPLOADS.labels("ok").inc()
                 metrics.UPLOAD_SECONDS.observe(time.monotonic() - started)
                 if self.failing.pop(chunk, None) is not None:

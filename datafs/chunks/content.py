@@ -245,7 +245,7 @@ class FileContent:
             return
         for index, entry in sorted(self.entries.items()):
             if isinstance(entry, _Buffer) and index != keep:
-                self.entries[index] = await self._seal_buffer(index, entry)
+                self.entries[index] = await self._seal_buffer(index, entry, upload_now=True)
                 if self.svc.buffers < self.svc.max_buffers:
                     return
 
@@ -257,7 +257,7 @@ class FileContent:
 
     async def _background_seal(self, index: int, sealing: _Sealing) -> None:
         try:
-            result: Entry = await self._seal_buffer(index, sealing.buffer)
+            result: Entry = await self._seal_buffer(index, sealing.buffer, upload_now=True)
         except Exception:
             log.exception("sealing a chunk failed; it stays buffered", extra={"ino": self.ino, "index": index})
             result = sealing.buffer
@@ -266,7 +266,10 @@ class FileContent:
         if self.entries.get(index) is sealing:
             self.entries[index] = result
 
-    async def _seal_buffer(self, index: int, buffer: _Buffer) -> ChunkRef | None:
+    async def _seal_buffer(self, index: int, buffer: _Buffer, upload_now: bool = False) -> ChunkRef | None:
+        """Seal a buffer into a chunk. `upload_now` (a chunk sealed while the file
+        is still being written) starts its upload at once; a chunk sealed by the
+        commit is queued by the commit itself a moment later."""
         length = min(C, self.size - index * C)
         if length <= 0:
             self._drop_buffer()
@@ -278,7 +281,7 @@ class FileContent:
         if buffer.data == ZERO_CHUNK:
             self._drop_buffer()
             return None  # all zeros: a hole, stored as no chunk
-        ref = await self.svc.source.seal(memoryview(buffer.data)[:length])
+        ref = await self.svc.source.seal(memoryview(buffer.data)[:length], upload_now=upload_now)
         self._drop_buffer()
         return ref
 
