@@ -41,6 +41,10 @@ from .tiers.store import ObjectStore
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_SECONDS = 60.0
+#: Below this size a chunk is PUT without asking the store first: the HEAD
+#: would cost as much as the PUT it might save (keys are content hashes, so
+#: a PUT of a chunk the store has rewrites the same bytes).
+CHECK_BEFORE_PUT_MIN_BYTES = 1 << 20
 
 
 class Uploader:
@@ -169,9 +173,14 @@ class Uploader:
         while keep_trying():
             started = time.monotonic()
             try:
-                if not await trio.to_thread.run_sync(self.store.exists, chunk, limiter=self.limiter):
-                    path = self.cache.path(chunk)
+                path = self.cache.path(chunk)
+                try:
                     size = path.stat().st_size
+                except FileNotFoundError:  # evicted after an early upload: the store should have it
+                    size = CHECK_BEFORE_PUT_MIN_BYTES
+                if size < CHECK_BEFORE_PUT_MIN_BYTES or not await trio.to_thread.run_sync(
+                    self.store.exists, chunk, limiter=self.limiter,
+                ):
                     await trio.to_thread.run_sync(self.store.put_file, chunk, path, limiter=self.limiter)
                     metrics.UPLOAD_BYTES.inc(size)
                     self.uploaded_bytes += size

@@ -377,3 +377,21 @@ async def test_full_chunks_upload_while_the_file_is_still_open(stack, nursery):
     await stack.uploader.wait_idle()
     assert stack.store.puts == 3  # the commit found the early two in the store: no second put
     assert await stack.read_file(attrs.st_ino) == data
+
+
+async def test_chunk_evicted_after_an_early_upload_still_completes_its_commit(stack, nursery):
+    await nursery.start(stack.uploader.run)
+    data = os.urandom(C + 5)
+    fi, attrs = await stack.ops.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, Ctx())
+    await stack.ops.write(fi.fh, 0, data)
+    first = chunk_id(data[:C])
+    with trio.fail_after(10):
+        while not stack.store.exists(first) or stack.cache.is_pinned(first):
+            await trio.sleep(0.01)
+    stack.cache.remove(first)  # unpinned once stored: the cache may drop it before the commit
+    await stack.ops.release(fi.fh)
+    with trio.fail_after(10):
+        await stack.uploader.wait_idle()
+    assert not stack.uploader.failing
+    stack.evict_all()
+    assert await stack.read_file(attrs.st_ino) == data
