@@ -61,6 +61,7 @@ class ChunkSource:
         self.disk_limiter = trio.CapacityLimiter(disk_concurrency)
         self.store_limiter = trio.CapacityLimiter(fetch_concurrency)
         self._inflight: dict[str, trio.Event] = {}
+        self._opening: set[str] = set()  # cached chunks being opened ahead of a reader
         # Chunks the garbage collector is deleting right now: a seal of the
         # same id waits until the deletion is done, then writes it afresh.
         self.deleting: dict[str, trio.Event] = {}
@@ -131,7 +132,7 @@ class ChunkSource:
             if ref.chunk_id in self._inflight:
                 continue
             if ref.chunk_id in self.cache:
-                if not self.cache.is_open(ref.chunk_id):
+                if ref.chunk_id not in self._opening and not self.cache.is_open(ref.chunk_id):
                     on_disk.append(ref.chunk_id)
                 continue
             if self.prefetch_slots <= 0:
@@ -142,14 +143,18 @@ class ChunkSource:
         # their hashing and cache writes need the disk threads more (measured:
         # opening ahead during a cold read cost it a fifth of its speed).
         if on_disk and not self._inflight:
+            self._opening.update(on_disk)
             self.nursery.start_soon(self._read_ahead_on_disk, on_disk)
 
     async def _read_ahead_on_disk(self, chunk_ids: list[str]) -> None:
         """Open cached chunks ahead of a sequential reader (the cache asks the
         kernel to read each whole file on open), so the disk works ahead of
         the reader instead of one 1 MiB request at a time."""
-        for chunk in chunk_ids:
-            await trio.to_thread.run_sync(self.cache.open_ahead, chunk, limiter=self.disk_limiter)
+        try:
+            for chunk in chunk_ids:
+                await trio.to_thread.run_sync(self.cache.open_ahead, chunk, limiter=self.disk_limiter)
+        finally:
+            self._opening.difference_update(chunk_ids)
 
     async def _prefetch_one(self, ref: ChunkRef) -> None:
         try:
