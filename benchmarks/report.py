@@ -140,23 +140,21 @@ def charts(out_dir: Path, rows: list[Row], meta: dict) -> list[Path]:
     title = f"datafs benchmarks ({meta['mode']} mode)"
     paths = []
 
-    fig, ax = plt.subplots(figsize=(10, 6))
-    _grouped_bars(ax, rows, MIB_S, lambda v: f"{v:,.0f}")
-    ax.set_xlabel("MiB/s (log scale, higher is better)")
-    ax.set_title(f"{title}: throughput per workload and target")
-    fig.tight_layout()
-    paths.append(out_dir / "throughput.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(10, 6))
-    _grouped_bars(ax, rows, SECONDS, format_seconds)
-    ax.set_xlabel("seconds (log scale, lower is better)")
-    ax.set_title(f"{title}: metadata, small files and upload lag")
-    fig.tight_layout()
-    paths.append(out_dir / "times.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    bar_charts = (
+        ("throughput.png", MIB_S, lambda v: f"{v:,.0f}", "MiB/s (log scale, higher is better)",
+         "throughput per workload and target"),
+        ("times.png", SECONDS, format_seconds, "seconds (log scale, lower is better)",
+         "metadata, small files and upload lag"),
+    )
+    for name, unit, fmt, xlabel, subject in bar_charts:
+        fig, ax = plt.subplots(figsize=(10, 6))
+        _grouped_bars(ax, rows, unit, fmt)
+        ax.set_xlabel(xlabel)
+        ax.set_title(f"{title}: {subject}")
+        fig.tight_layout()
+        paths.append(out_dir / name)
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
 
     random_rows = [r for r in ordered(rows) if r.workload == "rand-read-4k"]
     fig, ax = plt.subplots(figsize=(8, 5))
