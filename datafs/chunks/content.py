@@ -142,10 +142,8 @@ class FileContent:
         """The committed chunk at `index` and how many of its bytes still count."""
         if self.cut is not None and index * C >= self.cut:
             return None, 0  # no need to ask the metadata store
-        return self._visible(index, self.svc.meta.chunks(self.ino, index, index).get(index))
-
-    def _visible(self, index: int, ref: ChunkRef | None) -> tuple[ChunkRef | None, int]:
-        if ref is None or (self.cut is not None and index * C >= self.cut):
+        ref = self.svc.meta.chunks(self.ino, index, index).get(index)
+        if ref is None:
             return None, 0
         return ref, ref.length if self.cut is None else min(ref.length, self.cut - index * C)
 
