@@ -35,6 +35,7 @@ from pathlib import Path
 
 from botocore.exceptions import ClientError
 
+from datafs.daemon import read_daemon_pid
 from datafs.mounts import pid_alive
 
 from . import system
@@ -187,10 +188,7 @@ class DatafsTarget(Target):
 
     @property
     def daemon_pid(self) -> int | None:
-        try:
-            return int((self.state_dir / "daemon.lock").read_text().strip())
-        except (OSError, ValueError):
-            return None
+        return read_daemon_pid(self.state_dir)
 
     def start(self) -> None:
         prepare_bucket(self.server, self.client, self.bucket)

@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 
 import pytest
 
+from datafs.daemon import read_daemon_pid
 from datafs.mounts import pid_alive
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,10 +46,7 @@ class Mount:
 
     @property
     def pid(self) -> int | None:
-        try:
-            return int((self.state_dir / "daemon.lock").read_text().strip())
-        except (OSError, ValueError):
-            return None
+        return read_daemon_pid(self.state_dir)
 
     @property
     def log(self) -> str:
