@@ -5,6 +5,10 @@ command returns once the kernel mount is up) and always torn down: `datafs
 umount`, then, if that failed, SIGKILL of the daemon by PID and a lazy unmount.
 A missing /dev/fuse fails the tests that need a mount: it must never be skipped
 in CI, where a skip would hide a broken product.
+
+PostgreSQL, for the shared metadata engine: one real server for the whole
+session (`pg_server`, on PG_PORT) and a fresh database per test (`pg_url`). A
+missing PostgreSQL fails those tests, as a missing /dev/fuse does.
 """
 
 from __future__ import annotations
@@ -15,15 +19,20 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
 from datafs.daemon import read_daemon_pid
+from datafs.devtools.postgres import PostgresDatabase, PostgresServer
 from datafs.mounts import pid_alive
 
 REPO = Path(__file__).resolve().parent.parent
+#: tests/ owns 19450-19459 for PostgreSQL: the session server here, the
+#: launcher's own tests (test_pgserver.py) on the ports after it.
+PG_PORT = 19450
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -125,3 +134,24 @@ def mount_factory(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
 @pytest.fixture
 def datafs_mount(mount_factory: Callable[..., Mount]) -> Mount:
     return mount_factory()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the whole session (fast, not crash-safe:
+    fsync off). Tests may restart() it, or pause() it if they resume() it."""
+    server = PostgresServer(PG_PORT)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server: PostgresServer) -> Iterator[PostgresDatabase]:
+    """A fresh, empty database for one test: `.url` (no password in it), `.env`
+    ({"PGPASSWORD": ...}, for a daemon's environment) and `.name`. Dropped after
+    the test, with any connection still open to it."""
+    database = pg_server.create_database(f"test_{uuid.uuid4().hex[:12]}")
+    yield database
+    pg_server.resume()  # a backend stopped by pause() could not be terminated
+    pg_server.drop_database(database.name)
