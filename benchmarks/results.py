@@ -46,6 +46,7 @@ class Workload:
             small=sizes.small_files, small_size=human_bytes(sizes.small_file_bytes),
             upload=human_bytes(sizes.upload_file_bytes), tree=human_bytes(sizes.tree_bytes),
             objects=sizes.ceiling_objects, threads=sizes.ceiling_threads,
+            listing=sizes.listing_entries,
         )
 
 
@@ -80,6 +81,8 @@ WORKLOADS: tuple[Workload, ...] = (
              REMOTE, s3_ref="s3-put"),
     Workload("warmup-cold", "7", "Cold pre-read of a {tree} model tree with `datafs warmup`", MIB_S,
              FS_TARGETS, disk_ref="warmup-cold", s3_ref="s3-get"),
+    Workload("list-dir", "8", "List a directory of {listing} entries, os.scandir (page cache dropped)", SECONDS,
+             FS_TARGETS, disk_ref="list-dir"),
 )
 BY_ID = {w.id: w for w in WORKLOADS}
 

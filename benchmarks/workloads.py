@@ -1,4 +1,5 @@
-"""The workloads of issue 5, as steps run the same way on every target.
+"""The workloads of issue 5 (and the directory listing of the metadata-engine
+work), as steps run the same way on every target.
 
 Each step does its setup untimed, times exactly the operation the issue
 names, and returns result rows. They run in a fixed order per target (write
@@ -78,6 +79,10 @@ class Workloads:
         return self.t.root / "small"
 
     @property
+    def listing_dir(self) -> Path:
+        return self.t.root / "listing"
+
+    @property
     def tree_dir(self) -> Path:
         return self.t.root / "tree"
 
@@ -104,6 +109,7 @@ class Workloads:
             Step(name, "small files: read all in parallel", self.small_read),
             Step(name, f"rename a directory of {s.small_files} files", self.rename_dir),
             Step(name, "small files: delete all", self.small_delete),
+            Step(name, f"list a directory of {s.listing_entries} entries", self.list_dir),
             Step(name, f"datafs warmup of a {human_bytes(s.tree_bytes)} model tree, cold", self.warmup_cold),
         ]
         return steps
@@ -271,3 +277,23 @@ class Workloads:
                  "warmup_output": result.stdout.strip()}
         return [self._row("warmup-cold", size / seconds / MiB, MIB_S, extra, _notes(*notes))]
 
+    # ---- 8: a large directory ------------------------------------------------------------
+    def list_dir(self) -> list[Row]:
+        """`ls -f` of one flat directory: every entry from the metadata engine,
+        no stat, no data. The entries are empty files, made untimed."""
+        entries = self.s.listing_entries
+        self.listing_dir.mkdir()
+        started = time.perf_counter()
+        for i in range(entries):
+            os.close(os.open(self.listing_dir / f"entry-{i:06d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        create_seconds = time.perf_counter() - started
+        self.t.quiesce(UPLOAD_WAIT_SECONDS)
+        note = drop_page_cache()  # also the kernel's dentries: the listing must reach the filesystem
+        started = time.perf_counter()
+        with os.scandir(self.listing_dir) as listing:
+            count = sum(1 for _ in listing)
+        seconds = time.perf_counter() - started
+        if count != entries:
+            raise BenchError(f"{self.t.name}: listing found {count} entries, expected {entries}")
+        return [self._row("list-dir", seconds, SECONDS, {"entries": count, "create_seconds": create_seconds},
+                          _notes(note))]
