@@ -84,6 +84,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
     settings = config.apply_overrides(config.from_env(), {
         "mountpoint": args.mountpoint,
         "state_dir": args.state_dir,
+        "meta": args.meta,
+        "volume": args.volume,
+        "meta_password_file": args.meta_password_file,
         "store": args.store,
         "cache_dir": args.cache_dir,
         "cache_size_bytes": args.cache_size,
@@ -360,7 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     mount = sub.add_parser("mount", help="mount datafs (returns once the mount is ready)")
     mount.add_argument("mountpoint", help="an existing empty directory, e.g. /data")
     mount.add_argument("--state-dir", help="metadata, cache and embedded store (default /var/lib/datafs as root, else ~/.local/share/datafs)")
-    mount.add_argument("--store", help="object store URL: file:///PATH (default: STATE_DIR/store) or s3://BUCKET[/PREFIX]")
+    mount.add_argument("--meta", help="metadata engine: postgresql://USER@HOST:PORT/DB shares one namespace between nodes (default: embedded LMDB in STATE_DIR)")
+    mount.add_argument("--volume", help="volume name inside the metadata engine (default: default)")
+    mount.add_argument("--meta-password-file", help="file holding the metadata engine's password (else DATAFS_META_PASSWORD, PGPASSWORD or ~/.pgpass)")
+    mount.add_argument("--store", help="object store URL: file:///PATH (default: STATE_DIR/store) or s3://BUCKET[/PREFIX]; recorded in the volume at its first mount")
     mount.add_argument("--s3-endpoint", help="S3 endpoint URL for MinIO, SeaweedFS, ... (default: AWS)")
     mount.add_argument("--cache-dir", help="local chunk cache directory (default: STATE_DIR/cache)")
     mount.add_argument("--cache-size", help="local cache byte limit, e.g. 50G (default 50G)")

@@ -54,6 +54,19 @@ class Settings:
 
     mountpoint: Path | None = None
     state_dir: Path = dataclasses.field(default_factory=default_state_dir)
+    # Metadata engine URL: empty means the embedded LMDB in <state_dir>/meta;
+    # postgresql://user@host:port/db shares one namespace between nodes.
+    meta: str = ""
+    volume: str = "default"  # several volumes can share one database
+    meta_password_file: Path | None = None  # else DATAFS_META_PASSWORD, PGPASSWORD or ~/.pgpass
+    meta_timeout_seconds: float = 30.0  # a metadata call fails with EIO after this
+    meta_concurrency: int = 16  # connections to a remote engine
+    session_timeout_seconds: float = 60.0  # a node silent this long is dead to the others
+    # Shared volumes only (LMDB frees at once): how long an unreferenced chunk
+    # stays in the store, and an unlinked inode in the metadata, before they
+    # are freed; both cover nodes that may still use them.
+    gc_grace_seconds: float = 3600.0
+    orphan_grace_seconds: float = 30.0
     store: str = ""  # URL; empty means file://<state_dir>/store
     cache_dir: Path | None = None  # default <state_dir>/cache
     cache_size_bytes: int = 50 << 30
@@ -94,6 +107,20 @@ class Settings:
     def store_url(self) -> str:
         return self.store or f"file://{self.state_dir / 'store'}"
 
+    @property
+    def shared_meta(self) -> bool:
+        return bool(self.meta) and not self.meta.startswith("lmdb://")
+
+    def meta_password(self) -> str | None:
+        """The metadata engine's password, from a file or DATAFS_META_PASSWORD;
+        None lets libpq use PGPASSWORD or ~/.pgpass."""
+        if self.meta_password_file is not None:
+            try:
+                return self.meta_password_file.read_text().strip("\r\n")
+            except OSError as exc:
+                raise UsageError(f"cannot read the metadata password file {self.meta_password_file}: {exc.strerror}") from None
+        return os.environ.get("DATAFS_META_PASSWORD") or None
+
     def resolve(self) -> "Settings":
         self.state_dir = Path(os.path.abspath(os.path.expanduser(self.state_dir)))
         if self.cache_dir is not None:
@@ -104,12 +131,25 @@ class Settings:
             raise UsageError(f"invalid log level {self.log_level!r}: use debug, info, warning or error")
         if self.log_format not in ("json", "text"):
             raise UsageError(f"invalid log format {self.log_format!r}: use json or text")
+        if self.meta:
+            scheme = self.meta.partition("://")[0]
+            if scheme not in ("postgres", "postgresql", "lmdb") or "://" not in self.meta:
+                raise UsageError(f"unsupported metadata engine {self.meta.split('://')[0]!r}: use postgresql://USER@HOST:PORT/DB")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", self.volume):
+            raise UsageError(f"invalid volume name {self.volume!r}: letters, digits, '.', '_' and '-', at most 63")
+        if self.meta_password_file is not None:
+            self.meta_password_file = Path(os.path.abspath(os.path.expanduser(self.meta_password_file)))
         return self
 
 
 _CONVERTERS: dict[str, Any] = {
     "state_dir": Path,
     "cache_dir": Path,
+    "meta_password_file": Path,
+    "meta_timeout_seconds": lambda v: parse_seconds(v, "metadata timeout"),
+    "session_timeout_seconds": lambda v: parse_seconds(v, "session timeout"),
+    "gc_grace_seconds": lambda v: parse_seconds(v, "garbage-collection grace period"),
+    "orphan_grace_seconds": lambda v: parse_seconds(v, "orphan grace period"),
     "mountpoint": Path,
     "cache_size_bytes": lambda v: parse_size(v, "cache size"),
     "cache_min_free_bytes": lambda v: parse_size(v, "cache free-space floor"),
@@ -129,6 +169,10 @@ _ENV_ALIASES = {
     "ATTR_TIMEOUT": "attr_timeout_seconds",
     "ENTRY_TIMEOUT": "entry_timeout_seconds",
     "CHUNK_WAIT_TIMEOUT": "chunk_wait_timeout_seconds",
+    "META_TIMEOUT": "meta_timeout_seconds",
+    "SESSION_TIMEOUT": "session_timeout_seconds",
+    "GC_GRACE": "gc_grace_seconds",
+    "ORPHAN_GRACE": "orphan_grace_seconds",
 }
 
 
@@ -150,7 +194,7 @@ def from_env(environ: dict[str, str] | None = None) -> Settings:
     settings = Settings()
     names = {f.name for f in dataclasses.fields(Settings)}
     for key, raw in environ.items():
-        if not key.startswith(Settings.ENV_PREFIX) or key == "DATAFS_DATA_DIR":
+        if not key.startswith(Settings.ENV_PREFIX) or key in ("DATAFS_DATA_DIR", "DATAFS_META_PASSWORD"):
             continue
         short = key[len(Settings.ENV_PREFIX):]
         name = _ENV_ALIASES.get(short, short.lower())

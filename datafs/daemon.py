@@ -1,11 +1,16 @@
 """Wiring: open the state, recover, mount, run background tasks in one nursery.
 
 Start-up order matters for "nothing committed is ever lost":
-1. lock the state dir (one daemon per state dir);
-2. open metadata, free inodes orphaned by a crash (no kernel holds them now),
+1. lock the state dir (one daemon per state dir: one node);
+2. open the metadata engine (embedded LMDB, or a shared PostgreSQL) and the
+   volume it holds: the first mount records the object store and chunk size,
+   later ones (on any node) take them from there; the state dir remembers
+   this node's id, so its pending uploads resume after a restart;
+3. free inodes orphaned by a crash (LMDB: no kernel holds them now; a shared
+   volume leaves that to the collector, which knows who holds what open),
    drop cache files no metadata references (sealed but never committed);
-3. check the object store, so a bad endpoint fails before the mount appears;
-4. mount, then resume pending uploads in the background.
+4. check the object store, so a bad endpoint fails before the mount appears;
+5. mount, then resume pending uploads in the background.
 Shutdown (unmount, SIGTERM, SIGINT) commits every file with buffered writes,
 gives pending uploads a short grace period, then exits; what is still pending
 is persisted and resumes at the next start.
@@ -21,6 +26,7 @@ import os
 import resource
 import signal
 import time
+import uuid
 from pathlib import Path
 
 import pyfuse3
@@ -29,10 +35,13 @@ import trio
 from . import mounts
 from .chunks.cache import FD_CACHE_SIZE, ChunkCache
 from .chunks.content import ContentService
-from .config import Settings
-from .errors import UsageError
+from .config import CHUNK_SIZE_BYTES, Settings
+from .errors import MetaUnavailable, UsageError
 from .fs import Operations
+from .meta.calls import MetaCalls
+from .meta.kv import KV
 from .meta.lmdb_kv import LmdbKV
+from .meta.sessions import SessionKeeper
 from .meta.store import MetaStore
 from .tiers.chain import ChunkSource
 from .tiers.store import open_store
@@ -68,6 +77,10 @@ def daemon_running(state_dir: Path) -> bool:
     return False
 
 
+def node_path(state_dir: Path) -> Path:
+    return state_dir / "node.json"
+
+
 def read_daemon_pid(state_dir: Path) -> int | None:
     try:
         return int(lock_path(state_dir).read_text().strip() or 0) or None
@@ -89,8 +102,9 @@ class Daemon:
     def __init__(self, settings: Settings):
         self.settings = settings
         self._lock_fd: int | None = None
-        self.kv: LmdbKV | None = None
+        self.kv: KV | None = None
         self.mounted = False
+        self.volume: dict = {}
 
     # ---- blocking preparation (before trio starts) ---------------------------------
     def acquire_lock(self) -> None:
@@ -117,13 +131,81 @@ class Daemon:
         os.ftruncate(self._lock_fd, 0)
         os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
 
+    def _open_engine(self) -> KV:
+        s = self.settings
+        if not s.shared_meta:
+            return LmdbKV(s.meta.partition("://")[2] if s.meta else str(s.lmdb_dir))
+        from .meta.postgres_kv import PostgresKV, url_has_password
+
+        if url_has_password(s.meta) and not os.environ.get("DATAFS_META"):
+            raise UsageError("don't put the metadata password in --meta (it shows in the process list): "
+                             "use --meta-password-file, DATAFS_META_PASSWORD, PGPASSWORD or ~/.pgpass")
+        return PostgresKV(
+            s.meta, volume=s.volume, password=s.meta_password(),
+            pool_size=s.meta_concurrency, timeout_seconds=s.meta_timeout_seconds,
+        )
+
+    def _open_volume(self) -> None:
+        """Create the volume at its first mount, or check this mount against it."""
+        s = self.settings
+        record = self.meta.volume()
+        if record is None:
+            if s.shared_meta and not s.store:
+                raise UsageError(f"volume {s.volume!r} does not exist yet in {self.kv.describe()}: "
+                                 "the first mount must give --store (s3://BUCKET/PREFIX)")
+            record = self.meta.init_volume({
+                "name": s.volume, "uuid": str(uuid.uuid4()), "store": s.store_url,
+                "s3_endpoint": s.s3_endpoint, "s3_region": s.s3_region,
+                "chunk_size": CHUNK_SIZE_BYTES, "created": time.time(),
+            })
+        if int(record.get("chunk_size", CHUNK_SIZE_BYTES)) != CHUNK_SIZE_BYTES:
+            raise UsageError(f"volume {record.get('name')!r} uses {record['chunk_size']}-byte chunks; this datafs uses {CHUNK_SIZE_BYTES}")
+        if s.store and record.get("store") and s.store != record["store"]:
+            raise UsageError(f"volume {record.get('name')!r} keeps its chunks in {record['store']}, not {s.store}: "
+                             "leave out --store (later nodes need only --meta)")
+        self.volume = record
+
+    def _node_identity(self) -> int:
+        """This node's id in the volume, kept in the state dir so that a restart
+        resumes the uploads it owes. A state dir is one node of one volume."""
+        if not self.meta.shared:
+            return 1
+        path = node_path(self.settings.state_dir)
+        try:
+            known = json.loads(path.read_text())
+        except (OSError, ValueError):
+            known = {}
+        if known.get("volume_uuid") == self.volume["uuid"] and known.get("node_id"):
+            return int(known["node_id"])
+        if known.get("volume_uuid"):
+            raise UsageError(f"state dir {self.settings.state_dir} belongs to another volume ({known['volume_uuid']}): "
+                             "give each volume its own --state-dir")
+        node_id = self.meta.register_node()
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"volume_uuid": self.volume["uuid"], "node_id": node_id, "meta": self.kv.describe()}))
+        os.replace(tmp, path)
+        return node_id
+
     def prepare(self) -> None:
         s = self.settings
         _raise_open_file_limit()
-        self.kv = LmdbKV(str(s.lmdb_dir))
+        self.kv = self._open_engine()
         self.meta = MetaStore(self.kv)
-        self.meta.init_root()
-        self.store = open_store(s.store_url, s3_endpoint=s.s3_endpoint, s3_region=s.s3_region)
+        try:
+            self._open_volume()
+            self.meta.node_id = self._node_identity()
+        except MetaUnavailable as exc:
+            raise UsageError(f"metadata engine {self.kv.describe()}: {exc}") from None
+        shared = self.meta.shared
+        self.calls = MetaCalls(
+            remote=self.kv.remote, concurrency=s.meta_concurrency if self.kv.remote else 1,
+            timeout_seconds=s.meta_timeout_seconds,
+        )
+        self.store = open_store(
+            self.volume.get("store") or s.store_url,
+            s3_endpoint=s.s3_endpoint or self.volume.get("s3_endpoint", ""),
+            s3_region=s.s3_region or self.volume.get("s3_region", ""),
+        )
         self.store.check()
         cache_dir = s.effective_cache_dir
         try:
@@ -133,29 +215,44 @@ class Daemon:
         self.cache = ChunkCache(cache_dir, s.cache_size_bytes, s.cache_min_free_bytes)
         self.cache.open()
         self._recover()
-        self.meta_limiter = trio.CapacityLimiter(1)
         self.source = ChunkSource(self.cache, self.store, wait_timeout_seconds=s.chunk_wait_timeout_seconds)
-        self.uploader = Uploader(self.meta, self.cache, self.store, self.meta_limiter, s.upload_concurrency)
+        self.uploader = Uploader(self.meta, self.cache, self.store, self.calls, s.upload_concurrency)
         self.source.connect_uploader(self.uploader)
-        self.collector = Collector(self.meta, self.source, self.meta_limiter)
-        self.content = ContentService(self.meta, self.source, self.meta_limiter, self.uploader.enqueue, s.write_buffer_bytes)
+        orphan_grace = s.orphan_grace_seconds if shared else 0.0
+        self.content = ContentService(self.meta, self.source, self.calls, self.uploader.enqueue, s.write_buffer_bytes)
         self.ops = Operations(
-            self.meta, self.content, self.meta_limiter, statfs_path=cache_dir,
+            self.meta, self.content, self.calls, statfs_path=cache_dir,
             attr_timeout_seconds=s.attr_timeout_seconds, entry_timeout_seconds=s.entry_timeout_seconds,
-            on_inode_deleted=self.collector.wake,
             fsync_waits_for=self.uploader.wait_for if s.fsync_waits_upload else None,
+            orphan_grace_seconds=orphan_grace,
+        )
+        self.collector = Collector(
+            self.meta, self.source, self.calls,
+            interval_seconds=min(30.0, max(1.0, orphan_grace)) if shared else 30.0,
+            grace_seconds=s.gc_grace_seconds if shared else 0.0, orphan_grace_seconds=orphan_grace,
+            held_open=lambda ino: ino in self.ops.open_count or ino in self.ops.lookups,
+        )
+        self.ops.on_inode_deleted = self.collector.wake
+        self.collector.on_inode_deleted = self.collector.wake
+        self.sessions = SessionKeeper(
+            self.meta, self.calls, open_inodes=lambda: set(self.ops.open_count),
+            info={"mountpoint": str(s.mountpoint), "state_dir": str(s.state_dir)},
+            timeout_seconds=s.session_timeout_seconds,
+            heartbeat_seconds=max(0.5, min(5.0, s.session_timeout_seconds / 6)),
         )
 
     def _recover(self) -> None:
-        orphans = self.meta.orphans()
+        orphans = [] if self.meta.shared else [ino for ino, _ in self.meta.orphans()]
         for ino in orphans:
             self.meta.delete_inode(ino)
         # Chunks no metadata references (sealed, never committed), and chunks
         # whose file has the wrong size (fetched ones are not fsynced, so a
         # power loss can leave them short): drop them; the store has the rest.
+        sizes = self.cache.sizes()
+        records = self.meta.chunk_records(sizes)
         stray = []
-        for chunk, size in self.cache.sizes().items():
-            record = self.meta.chunk_record(chunk)
+        for chunk, size in sizes.items():
+            record = records.get(chunk)
             if record is None or record[1] != size:
                 stray.append(chunk)
         for chunk in stray:
@@ -199,19 +296,30 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             self.content.nursery = nursery
             self.source.nursery = nursery
+            await self.sessions.start()
             await nursery.start(self.uploader.run)
             await nursery.start(self.collector.run)
+            await nursery.start(self.sessions.run)
             nursery.start_soon(self._on_signals)
             nursery.start_soon(self._sync_periodically)
             nursery.start_soon(self._tune_readahead)
             nursery.start_soon(self._write_status_periodically)
-            log.info("mounted", extra={"mountpoint": str(self.settings.mountpoint), "store": self.store.describe()})
+            log.info("mounted", extra={
+                "mountpoint": str(self.settings.mountpoint), "store": self.store.describe(),
+                "meta": self.kv.describe(), "volume": self.volume.get("name"), "node": self.meta.node_id,
+            })
             await pyfuse3.main()
             await self.ops.commit_all()
             with trio.move_on_after(SHUTDOWN_UPLOAD_GRACE_SECONDS):
                 await self.uploader.wait_idle()
             if self.uploader.pending_count:
                 log.warning("uploads still pending at exit; they resume at the next start", extra={"chunks": self.uploader.pending_count})
+            try:
+                with trio.move_on_after(self.settings.meta_timeout_seconds):
+                    await self.sessions.stop()
+                    await self.calls.in_thread(self.meta.flush_counts)
+            except MetaUnavailable as exc:
+                log.warning("could not close the session cleanly; it expires by itself", extra={"error": str(exc)})
             nursery.cancel_scope.cancel()
 
     async def _on_signals(self) -> None:
@@ -228,7 +336,7 @@ class Daemon:
     async def _sync_periodically(self) -> None:
         while True:
             await trio.sleep(META_SYNC_INTERVAL_SECONDS)
-            await trio.to_thread.run_sync(self.meta.sync, limiter=self.meta_limiter)
+            await self.calls.in_thread(self.meta.sync)
 
     async def _write_status_periodically(self) -> None:
         """Publish live numbers (upload throughput, failing chunks) for `datafs status`."""
@@ -241,6 +349,14 @@ class Daemon:
             snapshot["upload_bytes_per_second"] = (snapshot["uploaded_bytes"] - last_bytes) / (now - last_time)
             snapshot["cache_bytes"] = self.cache.size_bytes
             snapshot["written_at"] = time.time()
+            snapshot["meta"] = self.kv.describe()
+            snapshot["volume"] = self.volume.get("name")
+            snapshot["node"] = self.meta.node_id
+            snapshot["live_nodes"] = sorted(self.sessions.live)
+            snapshot["chunks_at_risk"] = len(self.sessions.at_risk)
+            snapshot["at_risk_sample"] = [
+                {"node": node, "chunk": chunk} for node, chunk in self.sessions.at_risk[:5]
+            ]
             last_bytes, last_time = snapshot["uploaded_bytes"], now
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(snapshot))

@@ -43,6 +43,13 @@ FileTooBig = _kind("FileTooBig", _errno.EFBIG)
 BadHandle = _kind("BadHandle", _errno.EBADF)
 
 
+class MetaUnavailable(FsError):
+    """The metadata engine did not answer (or kept conflicting) within its
+    deadline: the request fails with EIO and the mount goes on serving."""
+
+    errno = _errno.EIO
+
+
 class StoreError(Exception):
     """An object-store failure. `temporary` says whether a retry may succeed."""
 

@@ -10,12 +10,22 @@ adds one to the inode's lookup count; `forget` takes them away. An inode whose
 last name is gone is only deleted once no lookup and no open handle remains, so
 a file unlinked while open stays readable and writable through its descriptors.
 
-Metadata reads are memory-mapped and run inline. Namespace writes (create,
-rename, setattr, ...) are small LMDB transactions without an fsync and also run
-inline: they take microseconds, while a hop to a worker thread costs ~90 us
-and halved file-creation throughput when measured. Work that can be large or
-waits on the disk (content commits, freeing a big file, fsync) runs in a
-worker thread behind the metadata limiter.
+Metadata calls go through `MetaCalls`: on LMDB they run inline (memory-mapped
+reads and small write transactions take microseconds, while a hop to a worker
+thread costs ~90 us and halved file-creation throughput when measured); on a
+remote engine every call runs in a worker thread behind the engine's own
+limiter, so no FUSE request waits on the network on the event loop. Work that
+can be large or waits on the disk (content commits, freeing a big file, fsync)
+always runs in a thread.
+
+Across nodes (a shared engine), the consistency model is close-to-open: an
+`open()` compares the inode's size and mtime with what this node last saw and
+drops the kernel's cached pages when another node changed the file. Names and
+attributes are cached by the kernel for the entry/attribute timeout (1 s). An
+inode that loses its last name is freed only once no node holds it open: each
+node records its open inodes in the engine (`SessionKeeper`), and a shared
+volume waits `orphan_grace_seconds` before freeing, which covers an open on
+another node that is not recorded yet.
 """
 
 from __future__ import annotations
@@ -32,11 +42,11 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import pyfuse3
-import trio
 
 from . import errors, metrics
 from .chunks.content import ContentService, FileContent
 from .config import CHUNK_SIZE_BYTES
+from .meta.calls import MetaCalls
 from .meta.store import Inode, MetaStore
 
 log = logging.getLogger(__name__)
@@ -86,6 +96,10 @@ def _brief(args: tuple) -> str:
 
 
 PREFETCH_MAX_WINDOW_CHUNKS = 16
+#: Entries fetched per metadata call while listing a directory.
+READDIR_BATCH = 256
+#: Inodes whose last-seen (size, mtime) this node remembers for close-to-open.
+SEEN_INODES_MAX = 100_000
 
 
 class _Handle:
@@ -112,21 +126,48 @@ class _Handle:
             self.content.prefetch((offset + size) // CHUNK_SIZE_BYTES + 1, self.window)
 
 
+class _DirHandle:
+    """An open directory: the last batch of entries read from the metadata
+    engine, so the kernel's small readdir requests cost one call per batch."""
+
+    __slots__ = ("ino", "start", "entries")
+
+    def __init__(self, ino: int):
+        self.ino = ino
+        self.start = -1
+        self.entries: list[tuple[int, bytes, Inode]] = []
+
+    def keep(self, start: int, entries: list[tuple[int, bytes, Inode]]) -> None:
+        self.start, self.entries = start, entries
+
+    def batch_from(self, start: int) -> list[tuple[int, bytes, Inode]] | None:
+        """Cached entries from offset `start` on; None: read a new batch.
+        Offset 0 (a new listing, or rewinddir) always reads afresh."""
+        if start == 0 or self.start < 0 or start < self.start:
+            return None
+        rest = [entry for entry in self.entries if entry[0] >= start]
+        if rest:
+            return rest
+        return [] if len(self.entries) < READDIR_BATCH else None
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = False
 
     def __init__(
-        self, meta: MetaStore, content: ContentService, meta_limiter: trio.CapacityLimiter, *,
+        self, meta: MetaStore, content: ContentService, calls: MetaCalls, *,
         statfs_path: Path, attr_timeout_seconds: float, entry_timeout_seconds: float,
         on_inode_deleted: Callable[[], None] = lambda: None,
         fsync_waits_for: Callable[[set[str]], Awaitable[None]] | None = None,
+        orphan_grace_seconds: float = 0.0,
     ):
         super().__init__()
         self.meta = meta
         self.svc = content
-        self.meta_limiter = meta_limiter
+        self.calls = calls
+        self.orphan_grace_ns = int(orphan_grace_seconds * 1e9)
         self.statfs_path = statfs_path
         self.attr_timeout = attr_timeout_seconds
         self.entry_timeout = entry_timeout_seconds
@@ -136,11 +177,32 @@ class Operations(pyfuse3.Operations):
         self.open_count: collections.Counter[int] = collections.Counter()
         self.contents: dict[int, FileContent] = {}
         self.handles: dict[int, _Handle] = {}
+        self.dir_handles: dict[int, _DirHandle] = {}
         self._fh = itertools.count(1)
+        # (size, mtime) of each inode as this node last opened or wrote it.
+        self.seen: collections.OrderedDict[int, tuple[int, int]] = collections.OrderedDict()
 
     # ---- helpers -----------------------------------------------------------------
+    async def _m(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await self.calls(fn, *args, **kwargs)
+
     async def _in_thread(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=self.meta_limiter)
+        return await self.calls.in_thread(fn, *args, **kwargs)
+
+    def _remember(self, ino: int, size: int, mtime_ns: int) -> None:
+        self.seen[ino] = (size, mtime_ns)
+        self.seen.move_to_end(ino)
+        if len(self.seen) > SEEN_INODES_MAX:
+            self.seen.popitem(last=False)
+
+    def _cache_is_current(self, inode: Inode) -> bool:
+        """Close-to-open: whether pages this kernel cached for the file still
+        hold (no other node changed it since this node last saw it)."""
+        if not self.meta.shared:
+            return True  # every change passes through this node's kernel
+        current = self.seen.get(inode.ino) == (inode.size, inode.mtime_ns)
+        self._remember(inode.ino, inode.size, inode.mtime_ns)
+        return current
 
     def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
@@ -175,24 +237,25 @@ class Operations(pyfuse3.Operations):
             content = self.contents[inode.ino] = FileContent(self.svc, inode.ino, inode.size)
         return content
 
-    def _new_gid(self, parent: int, ctx: pyfuse3.RequestContext) -> tuple[int, bool]:
+    async def _new_gid(self, parent: int, ctx: pyfuse3.RequestContext) -> tuple[int, bool]:
         """Group of a new inode: the directory's if it is set-group-ID (as on ext4)."""
-        directory = self.meta.get_inode(parent)
+        directory = await self._m(self.meta.get_inode, parent)
         if directory.mode & stat.S_ISGID:
             return directory.gid, True
         return ctx.gid, False
 
     async def _mknode(self, parent: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext, **kwargs: Any) -> Inode:
-        gid, inherit = self._new_gid(parent, ctx)
+        gid, inherit = await self._new_gid(parent, ctx)
         if inherit and stat.S_ISDIR(mode):
             mode |= stat.S_ISGID
         # The kernel has already applied the umask (no FUSE_DONT_MASK without ACLs).
-        return self.meta.mknode(parent, name, mode, ctx.uid, gid, **kwargs)
+        return await self._m(self.meta.mknode, parent, name, mode, ctx.uid, gid, **kwargs)
 
     async def _truncate(self, node: Inode, size_bytes: int) -> FileContent:
         content = self._content(node)
         await content.truncate(size_bytes)
         await content.commit()
+        self._remember(node.ino, content.size, content.committed_mtime_ns)
         return content
 
     async def _maybe_delete(self, ino: int) -> None:
@@ -203,23 +266,26 @@ class Operations(pyfuse3.Operations):
         try:
             if content is not None:
                 await content.discard()
-            if await self._in_thread(self.meta.delete_inode, ino):
+            if await self._in_thread(self.meta.delete_inode, ino, self.orphan_grace_ns):
+                self.seen.pop(ino, None)
                 self.on_inode_deleted()
+            # Not freed: open on another node, or younger than the grace
+            # period of a shared volume; the collector's orphan pass retries.
         except Exception:
             log.exception("freeing an inode failed; it is retried at the next start", extra={"ino": ino})
 
     # ---- lookups and attributes ----------------------------------------------------
     @_fuse_op
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._entry(self.meta.lookup(parent_inode, name))
+        return self._entry(await self._m(self.meta.lookup, parent_inode, name))
 
     @_fuse_op
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._attrs(self.meta.get_inode(inode))
+        return self._attrs(await self._m(self.meta.get_inode, inode))
 
     @_fuse_op
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        node = self.meta.get_inode(inode)
+        node = await self._m(self.meta.get_inode, inode)
         if fields.update_size:
             if node.is_dir:
                 raise errors.IsDirectory(f"inode {inode}")
@@ -245,14 +311,14 @@ class Operations(pyfuse3.Operations):
         if fields.update_ctime:
             changes["ctime_ns"] = attr.st_ctime_ns
         if changes:
-            node = self.meta.setattr(inode, **changes)
+            node = await self._m(self.meta.setattr, inode, **changes)
         elif fields.update_size:
-            node = self.meta.get_inode(inode)
+            node = await self._m(self.meta.get_inode, inode)
         return self._attrs(node)
 
     @_fuse_op
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return self.meta.readlink(inode)
+        return await self._m(self.meta.readlink, inode)
 
     # ---- namespace -----------------------------------------------------------------
     @_fuse_op
@@ -271,22 +337,22 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_op
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._entry(self.meta.link(inode, new_parent_inode, new_name))
+        return self._entry(await self._m(self.meta.link, inode, new_parent_inode, new_name))
 
     @_fuse_op
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        node = self.meta.unlink(parent_inode, name)
+        node = await self._m(self.meta.unlink, parent_inode, name)
         if node.nlink == 0:
             await self._maybe_delete(node.ino)
 
     @_fuse_op
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        node = self.meta.unlink(parent_inode, name, directory=True)
+        node = await self._m(self.meta.unlink, parent_inode, name, directory=True)
         await self._maybe_delete(node.ino)
 
     @_fuse_op
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
-        replaced = self.meta.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        replaced = await self._m(self.meta.rename, parent_inode_old, name_old, parent_inode_new, name_new, flags)
         if replaced is not None and replaced.nlink == 0:
             await self._maybe_delete(replaced.ino)
 
@@ -299,63 +365,85 @@ class Operations(pyfuse3.Operations):
                 continue
             self.lookups.pop(ino, None)
             if self.open_count.get(ino, 0) == 0 and self.svc.nursery is not None:
-                try:
-                    if self.meta.get_inode(ino).nlink == 0:
-                        self.svc.nursery.start_soon(self._maybe_delete, ino)
-                except errors.NotFound:
-                    pass
-                except Exception:
-                    log.exception("forget failed", extra={"ino": ino})
+                self.svc.nursery.start_soon(self._forgotten, ino)
+
+    async def _forgotten(self, ino: int) -> None:
+        """The kernel dropped its last reference: free the inode if it has no name."""
+        try:
+            if (await self._m(self.meta.get_inode, ino)).nlink == 0:
+                await self._maybe_delete(ino)
+        except errors.NotFound:
+            pass
+        except Exception:
+            log.exception("forget failed", extra={"ino": ino})
 
     # ---- directories -----------------------------------------------------------------
     @_fuse_op
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        if not self.meta.get_inode(inode).is_dir:
+        if not (await self._m(self.meta.get_inode, inode)).is_dir:
             raise errors.NotDirectory(f"inode {inode}")
-        return inode
+        fh = next(self._fh)
+        self.dir_handles[fh] = _DirHandle(inode)
+        return fh
 
     @_fuse_op
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        entries = self.meta.readdir(fh, start_id)
-        try:
+        handle = self.dir_handles.get(fh)
+        if handle is None:
+            raise errors.BadHandle(f"directory handle {fh}")
+        while True:
+            entries = handle.batch_from(start_id)
+            if entries is None:
+                # Offsets are stable entry sequence numbers, so a batch read
+                # now continues exactly where the kernel stopped taking.
+                entries = await self._m(self.meta.readdir, handle.ino, start_id, READDIR_BATCH)
+                handle.keep(start_id, entries)
+            if not entries:
+                return
             for seq, name, inode in entries:
                 if not pyfuse3.readdir_reply(token, name, self._attrs(inode), seq + 1):
                     return
                 self.lookups[inode.ino] += 1
-        finally:
-            entries.close()
+                start_id = seq + 1
+            if len(entries) < READDIR_BATCH:
+                return
 
     @_fuse_op
     async def releasedir(self, fh: int) -> None:
-        return None
+        self.dir_handles.pop(fh, None)
 
     @_fuse_op
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         await self._in_thread(self.meta.sync)
 
     # ---- files -------------------------------------------------------------------------
-    def _open_handle(self, inode: Inode) -> pyfuse3.FileInfo:
+    def _open_handle(self, inode: Inode, keep_cache: bool = True) -> pyfuse3.FileInfo:
         fh = next(self._fh)
         self.handles[fh] = _Handle(inode.ino, self._content(inode))
         self.open_count[inode.ino] += 1
-        # Every change to file content on this node passes through this kernel,
-        # so its page cache is never stale: keep it across opens.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        # Every change made on this node passes through this kernel, so its
+        # page cache is stale only if another node changed the file.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
     @_fuse_op
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        node = self.meta.get_inode(inode)
+        node = await self._m(self.meta.get_inode, inode)
         if node.is_dir:
             raise errors.IsDirectory(f"inode {inode}")
         if flags & os.O_TRUNC and node.is_reg:
             # libfuse asks for FUSE_CAP_ATOMIC_O_TRUNC, so the kernel passes
             # O_TRUNC here instead of sending a setattr first.
             await self._truncate(node, 0)
-        return self._open_handle(node)
+            return self._open_handle(node)
+        keep = self._cache_is_current(node)
+        if not keep and node.ino not in self.open_count:
+            self.contents.pop(node.ino, None)  # its chunk list is another node's old one
+        return self._open_handle(node, keep_cache=keep)
 
     @_fuse_op
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         node = await self._mknode(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
+        self._remember(node.ino, node.size, node.mtime_ns)
         return self._open_handle(node), self._entry(node)
 
     def _handle(self, fh: int) -> _Handle:
@@ -379,15 +467,19 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_op
     async def flush(self, fh: int) -> None:
-        await self._handle(fh).content.commit()
+        await self._commit(self._handle(fh).content)
+
+    async def _commit(self, content: FileContent) -> None:
+        if await content.commit():
+            self._remember(content.ino, content.size, content.committed_mtime_ns)
 
     @_fuse_op
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self._handle(fh)
-        await handle.content.commit()
+        await self._commit(handle.content)
         await self._in_thread(self.meta.sync)
         if self.fsync_waits_for is not None:  # --fsync-waits-upload: durable in the object store too
-            chunks = self.meta.chunks(handle.ino, 0, 1 << 62)
+            chunks = await self._m(self.meta.chunks, handle.ino, 0, 1 << 62)
             await self.fsync_waits_for({ref.chunk_id for ref in chunks.values()})
 
     @_fuse_op
@@ -396,7 +488,7 @@ class Operations(pyfuse3.Operations):
         if handle is None:
             return
         try:
-            await handle.content.commit()
+            await self._commit(handle.content)
         finally:
             self.open_count[handle.ino] -= 1
             if self.open_count[handle.ino] <= 0:
@@ -404,7 +496,7 @@ class Operations(pyfuse3.Operations):
                 if not handle.content.dirty:
                     self.contents.pop(handle.ino, None)
                 try:
-                    if self.meta.get_inode(handle.ino).nlink == 0:
+                    if (await self._m(self.meta.get_inode, handle.ino)).nlink == 0:
                         await self._maybe_delete(handle.ino)
                 except errors.NotFound:
                     pass
@@ -419,7 +511,7 @@ class Operations(pyfuse3.Operations):
         out.f_blocks = disk.f_blocks
         out.f_bfree = disk.f_bfree
         out.f_bavail = disk.f_bavail
-        used = self.meta.counts()["inodes"]
+        used = (await self._m(self.meta.counts))["inodes"]
         out.f_files = max(disk.f_files, used + disk.f_ffree)
         out.f_ffree = out.f_files - used
         out.f_favail = out.f_ffree
@@ -430,26 +522,26 @@ class Operations(pyfuse3.Operations):
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         # Permission checks are the kernel's (default_permissions); this only
         # has to confirm the inode exists.
-        self.meta.get_inode(inode)
+        await self._m(self.meta.get_inode, inode)
         return True
 
     # ---- xattrs ---------------------------------------------------------------------------
     @_fuse_op
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        return self.meta.getxattr(inode, name)
+        return await self._m(self.meta.getxattr, inode, name)
 
     @_fuse_op
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self.meta.setxattr(inode, name, value)
+        await self._m(self.meta.setxattr, inode, name, value)
 
     @_fuse_op
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        self.meta.get_inode(inode)
-        return self.meta.listxattr(inode)
+        await self._m(self.meta.get_inode, inode)
+        return await self._m(self.meta.listxattr, inode)
 
     @_fuse_op
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self.meta.removexattr(inode, name)
+        await self._m(self.meta.removexattr, inode, name)
 
     # ---- shutdown -------------------------------------------------------------------------
     async def commit_all(self) -> None:

@@ -28,3 +28,10 @@ UPLOAD_BYTES = Counter("datafs_upload_bytes_total", "Bytes uploaded to the objec
 UPLOADS_PENDING = Gauge("datafs_uploads_pending", "Committed chunks not yet in the object store")
 UPLOAD_SECONDS = Histogram("datafs_upload_seconds", "Time to upload one chunk")
 GC_CHUNKS = Counter("datafs_gc_chunks_total", "Unreferenced chunks deleted")
+META_TXNS = Counter("datafs_meta_transactions_total", "Metadata transactions", ["op", "result"])
+META_TXN_SECONDS = Histogram(
+    "datafs_meta_transaction_seconds", "Metadata transaction latency, retries included", ["op"],
+    buckets=(0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
+)
+META_TXN_RESTARTS = Counter("datafs_meta_transaction_restarts_total", "Metadata transactions run again after a conflict")
+SESSIONS_LIVE = Gauge("datafs_sessions_live", "Nodes with a live session in the shared metadata engine")

@@ -17,9 +17,22 @@ durable path finds it in the store and only marks it uploaded. A file that is
 never committed (deleted while open, or a crash) may leave its early chunks
 in the store unreferenced.
 
-The collector deletes chunks whose reference count fell to zero. It skips
-pinned chunks (being sealed for a new commit, or uploading), and marks the ones
-it is deleting so a concurrent seal of the same bytes waits and writes afresh.
+On a shared engine the pending set is per node (`u <node> <chunk>`): each node
+uploads what it committed, and the first upload of a chunk clears it for every
+node. A chunk is marked uploaded only if its pending token is the one read
+before the upload began: a deletion that raced with the upload (below) changes
+the token, and the upload runs again.
+
+The collector deletes chunks whose reference count fell to zero, after a grace
+period on a shared volume (another node may be about to commit the same bytes,
+sealed before the count fell). It claims a chunk (DELETING) in one
+transaction, deletes the object, and forgets the chunk in another; a commit
+that re-references it in between rescues it and re-uploads it from its own
+cache. Locally it skips pinned chunks (being sealed for a new commit, or
+uploading), and marks the ones it is deleting so a concurrent seal of the same
+bytes waits and writes afresh. It also frees orphaned inodes (no name left)
+that a shared volume keeps for `orphan_grace_seconds`, once no node holds
+them open.
 """
 
 from __future__ import annotations
@@ -34,7 +47,8 @@ import trio
 
 from . import errors, metrics
 from .chunks.cache import ChunkCache
-from .meta.store import MetaStore
+from .meta.calls import MetaCalls
+from .meta.store import UPLOAD_DONE, MetaStore
 from .tiers.chain import ChunkSource
 from .tiers.store import ObjectStore
 
@@ -48,11 +62,11 @@ CHECK_BEFORE_PUT_MIN_BYTES = 1 << 20
 
 
 class Uploader:
-    def __init__(self, meta: MetaStore, cache: ChunkCache, store: ObjectStore, meta_limiter: trio.CapacityLimiter, concurrency: int = 16):
+    def __init__(self, meta: MetaStore, cache: ChunkCache, store: ObjectStore, calls: MetaCalls, concurrency: int = 16):
         self.meta = meta
         self.cache = cache
         self.store = store
-        self.meta_limiter = meta_limiter
+        self.calls = calls
         self.concurrency = concurrency
         self.limiter = trio.CapacityLimiter(concurrency)
         self._queue: collections.deque[str] = collections.deque()
@@ -136,7 +150,7 @@ class Uploader:
         }
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        pending = await trio.to_thread.run_sync(self.meta.pending_uploads, limiter=self.meta_limiter)
+        pending = await self.calls.in_thread(self.meta.pending_uploads)
         if pending:
             log.info("resuming pending uploads", extra={"chunks": len(pending), "size_bytes": sum(p[1] for p in pending)})
         self.enqueue([chunk for chunk, _, _ in pending])
@@ -173,6 +187,8 @@ class Uploader:
         while keep_trying():
             started = time.monotonic()
             try:
+                # Read before the upload: marking it done checks it is unchanged.
+                token = await self.calls(self.meta.pending_token, chunk)
                 path = self.cache.path(chunk)
                 try:
                     size = path.stat().st_size
@@ -184,14 +200,15 @@ class Uploader:
                     await trio.to_thread.run_sync(self.store.put_file, chunk, path, limiter=self.limiter)
                     metrics.UPLOAD_BYTES.inc(size)
                     self.uploaded_bytes += size
-                if self.meta.is_pending(chunk):  # an early upload usually is not, yet: no write
-                    await trio.to_thread.run_sync(self.meta.mark_uploaded, [chunk], limiter=self.meta_limiter)
+                if token is not None:  # an early upload usually is not pending yet: no write
+                    if await self.calls.in_thread(self.meta.mark_uploaded, chunk, token) != UPLOAD_DONE:
+                        raise errors.StoreError("the chunk was being deleted or re-queued during its upload", temporary=True)
                 metrics.UPLOADS.labels("ok").inc()
                 metrics.UPLOAD_SECONDS.observe(time.monotonic() - started)
                 if self.failing.pop(chunk, None) is not None:
                     log.warning("chunk upload recovered", extra={"chunk": chunk})
                 return True
-            except (errors.StoreError, OSError) as exc:
+            except (errors.StoreError, errors.MetaUnavailable, OSError) as exc:
                 metrics.UPLOADS.labels("error").inc()
                 first = chunk not in self.failing
                 self.failing[chunk] = str(exc)
@@ -205,13 +222,23 @@ class Uploader:
 
 
 class Collector:
-    """Deletes chunks no file references any more, from the cache and the store."""
+    """Deletes chunks no file references any more, from the cache and the
+    store, and frees orphaned inodes that no node holds open."""
 
-    def __init__(self, meta: MetaStore, source: ChunkSource, meta_limiter: trio.CapacityLimiter, interval_seconds: float = 30.0):
+    def __init__(
+        self, meta: MetaStore, source: ChunkSource, calls: MetaCalls, interval_seconds: float = 30.0, *,
+        grace_seconds: float = 0.0, orphan_grace_seconds: float = 0.0,
+        held_open: Callable[[int], bool] = lambda ino: False,
+        on_inode_deleted: Callable[[], None] = lambda: None,
+    ):
         self.meta = meta
         self.source = source
-        self.meta_limiter = meta_limiter
+        self.calls = calls
         self.interval_seconds = interval_seconds
+        self.grace_ns = int(grace_seconds * 1e9)
+        self.orphan_grace_ns = int(orphan_grace_seconds * 1e9)
+        self.held_open = held_open
+        self.on_inode_deleted = on_inode_deleted
         self._wake = trio.Event()
 
     def wake(self) -> None:
@@ -220,25 +247,44 @@ class Collector:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
-            await self.collect()
+            try:
+                if self.orphan_grace_ns:
+                    await self.free_orphans()
+                await self.collect()
+            except errors.MetaUnavailable as exc:
+                log.warning("garbage collection skipped: metadata engine unavailable", extra={"error": str(exc)})
             with trio.move_on_after(self.interval_seconds):
                 await self._wake.wait()
             self._wake = trio.Event()
 
+    async def free_orphans(self) -> int:
+        """Free inodes with no name left once the grace period is over and no
+        node (this one included) holds them open."""
+        freed = 0
+        for ino, age_ns in await self.calls.in_thread(self.meta.orphans):
+            if age_ns < self.orphan_grace_ns or self.held_open(ino):
+                continue
+            if await self.calls.in_thread(self.meta.delete_inode, ino, self.orphan_grace_ns):
+                freed += 1
+        if freed:
+            self.on_inode_deleted()
+        return freed
+
     async def collect(self) -> int:
         deleted = 0
         cache, store = self.source.cache, self.source.store
-        for chunk in await trio.to_thread.run_sync(self.meta.garbage, limiter=self.meta_limiter):
+        for chunk in await self.calls.in_thread(self.meta.garbage, 1024, self.grace_ns):
             if self.source.is_held(chunk) or chunk in self.source.deleting:
                 continue
             done = self.source.deleting[chunk] = trio.Event()
             try:
-                if await trio.to_thread.run_sync(self.meta.drop_chunk_if_unreferenced, chunk, limiter=self.meta_limiter):
+                if await self.calls.in_thread(self.meta.begin_delete, chunk, self.grace_ns):
                     await trio.to_thread.run_sync(cache.remove, chunk)
                     await trio.to_thread.run_sync(store.delete, chunk)
-                    metrics.GC_CHUNKS.inc()
-                    deleted += 1
-            except (errors.StoreError, OSError) as exc:
+                    if await self.calls.in_thread(self.meta.finish_delete, chunk):
+                        metrics.GC_CHUNKS.inc()
+                        deleted += 1
+            except (errors.StoreError, errors.MetaUnavailable, OSError) as exc:
                 log.warning("garbage collection of a chunk failed", extra={"chunk": chunk, "error": str(exc)})
             finally:
                 del self.source.deleting[chunk]

@@ -1,5 +1,7 @@
-"""The filesystem schema on the in-memory engine: namespace rules, reference
-counts, pending uploads, garbage, readdir offsets."""
+"""The filesystem schema on every engine (memory, LMDB, PostgreSQL): namespace
+rules, reference counts, pending uploads, garbage, readdir offsets, and the
+cross-node rules of a shared volume (per-node pending uploads, open markers,
+the deletion protocol that a concurrent commit rescues)."""
 
 from __future__ import annotations
 
@@ -17,11 +19,37 @@ FILE = stat.S_IFREG | 0o644
 DIR = stat.S_IFDIR | 0o755
 
 
-@pytest.fixture
-def meta() -> MetaStore:
-    store = MetaStore(open_kv("memory://"))
+@pytest.fixture(params=["memory", "lmdb", "postgres"])
+def meta(request, tmp_path) -> MetaStore:
+    if request.param == "memory":
+        kv = open_kv("memory://")
+    elif request.param == "lmdb":
+        kv = open_kv(f"lmdb://{tmp_path / 'meta'}")
+    else:
+        database = request.getfixturevalue("pg_url")
+        kv = open_kv(database.url, password=database.env["PGPASSWORD"])
+    store = MetaStore(kv)
     store.init_root(0, 0)
-    return store
+    yield store
+    kv.close()
+
+
+def other_node(meta: MetaStore, node_id: int = 2) -> MetaStore:
+    """A second node on the same engine."""
+    return MetaStore(meta.kv, node_id=node_id)
+
+
+def pending_ids(meta: MetaStore) -> set[str]:
+    return {p[0] for p in meta.pending_uploads()}
+
+
+def upload(meta: MetaStore, chunk_id: str) -> str:
+    return meta.mark_uploaded(chunk_id, meta.pending_token(chunk_id))
+
+
+def collect(meta: MetaStore, chunk_id: str) -> bool:
+    """One collector pass over one chunk; True if it was deleted and forgotten."""
+    return meta.begin_delete(chunk_id) and meta.finish_delete(chunk_id)
 
 
 def ref(n: int, length: int = 10) -> ChunkRef:
@@ -56,7 +84,7 @@ def test_unlink_rmdir_rules(meta):
     with pytest.raises(errors.NotDirectory):
         meta.unlink(d.ino, b"f", directory=True)
     gone = meta.unlink(d.ino, b"f")
-    assert gone.nlink == 0 and meta.orphans() == [gone.ino]
+    assert gone.nlink == 0 and [ino for ino, _ in meta.orphans()] == [gone.ino]
     assert meta.delete_inode(gone.ino)
     assert meta.orphans() == []
     meta.unlink(ROOT_INODE, b"d", directory=True)
@@ -123,12 +151,12 @@ def test_readdir_offsets_stable_under_deletion(meta):
     names = [f"n{i:03d}".encode() for i in range(50)]
     for name in names:
         meta.mknode(ROOT_INODE, name, FILE, 0, 0)
-    first = list(itertools.islice(meta.readdir(ROOT_INODE, 0), 10))
+    first = meta.readdir(ROOT_INODE, 0, 10)
     seen = [name for _, name, _ in first]
     for name in names[5:30:2]:
         meta.unlink(ROOT_INODE, name)
     rest, start = [], first[-1][0] + 1
-    while batch := list(itertools.islice(meta.readdir(ROOT_INODE, start), 7)):
+    while batch := meta.readdir(ROOT_INODE, start, 7):
         rest += [name for _, name, _ in batch]
         start = batch[-1][0] + 1
     listed = seen + rest
@@ -141,11 +169,11 @@ def test_refcounts_dedup_pending_and_garbage(meta):
     a = meta.mknode(ROOT_INODE, b"a", FILE, 0, 0)
     b = meta.mknode(ROOT_INODE, b"b", FILE, 0, 0)
     assert meta.commit_content(a.ino, C + 20, {0: ref(1), 1: ref(2)}) == [ref(1).chunk_id, ref(2).chunk_id]
-    assert meta.commit_content(b.ino, 10, {0: ref(1)}) == []  # dedup: not new
+    assert meta.commit_content(b.ino, 10, {0: ref(1)}) == []  # dedup: not new, already pending here
     assert meta.chunk_record(ref(1).chunk_id) == (2, 10)
-    assert {p[0] for p in meta.pending_uploads()} == {ref(1).chunk_id, ref(2).chunk_id}
-    meta.mark_uploaded([ref(1).chunk_id])
-    assert [p[0] for p in meta.pending_uploads()] == [ref(2).chunk_id]
+    assert pending_ids(meta) == {ref(1).chunk_id, ref(2).chunk_id}
+    assert upload(meta, ref(1).chunk_id) == "done"
+    assert pending_ids(meta) == {ref(2).chunk_id}
     # Truncating a to one chunk releases chunk 2.
     meta.commit_content(a.ino, 5, {})
     assert meta.garbage() == [ref(2).chunk_id]
@@ -153,13 +181,98 @@ def test_refcounts_dedup_pending_and_garbage(meta):
     # Re-referencing a garbage chunk takes it off the garbage list.
     meta.commit_content(b.ino, C + 20, {1: ref(2)})
     assert meta.garbage() == []
-    assert meta.drop_chunk_if_unreferenced(ref(2).chunk_id) is False
+    assert meta.begin_delete(ref(2).chunk_id) is False
     meta.unlink(ROOT_INODE, b"b")
     meta.delete_inode(b.ino)
     assert set(meta.garbage()) == {ref(2).chunk_id}
-    assert meta.drop_chunk_if_unreferenced(ref(2).chunk_id) is True
+    assert collect(meta, ref(2).chunk_id) is True
     assert meta.chunk_record(ref(2).chunk_id) is None
+    assert ref(2).chunk_id not in pending_ids(meta)
     assert meta.chunk_record(ref(1).chunk_id) == (1, 10)
+
+
+def test_garbage_waits_for_the_grace_period(meta):
+    f = meta.mknode(ROOT_INODE, b"f", FILE, 0, 0)
+    meta.commit_content(f.ino, 10, {0: ref(7)})
+    meta.commit_content(f.ino, 0, {})
+    hour = 3600 * 10**9
+    assert meta.garbage(grace_ns=hour) == []
+    assert meta.begin_delete(ref(7).chunk_id, grace_ns=hour) is False
+    assert meta.garbage(grace_ns=0) == [ref(7).chunk_id]
+
+
+def test_commit_during_deletion_rescues_the_chunk(meta):
+    """A node commits a chunk whose object another node is deleting: the
+    chunk survives, pending upload from the committing node, and that upload
+    cannot be marked done until the deletion is over."""
+    deleter, writer = meta, other_node(meta)
+    f = meta.mknode(ROOT_INODE, b"f", FILE, 0, 0)
+    meta.commit_content(f.ino, 10, {0: ref(9)})
+    upload(meta, ref(9).chunk_id)
+    meta.commit_content(f.ino, 0, {})
+    assert deleter.begin_delete(ref(9).chunk_id) is True  # the object is being deleted now
+    g = writer.mknode(ROOT_INODE, b"g", FILE, 0, 0)
+    assert writer.commit_content(g.ino, 10, {0: ref(9)}) == [ref(9).chunk_id]
+    token = writer.pending_token(ref(9).chunk_id)
+    assert writer.mark_uploaded(ref(9).chunk_id, token) == "retry"  # the deletion may still remove it
+    assert deleter.finish_delete(ref(9).chunk_id) is False  # rescued: not forgotten
+    assert meta.chunk_record(ref(9).chunk_id) == (1, 10)
+    assert writer.mark_uploaded(ref(9).chunk_id, token) == "retry"  # saw the object before it went
+    assert upload(writer, ref(9).chunk_id) == "done"  # uploaded again after the deletion
+    assert writer.pending_uploads() == []
+
+
+def test_pending_uploads_are_per_node_and_cleared_by_the_first_upload(meta):
+    a, b = meta, other_node(meta)
+    fa = a.mknode(ROOT_INODE, b"fa", FILE, 0, 0)
+    fb = b.mknode(ROOT_INODE, b"fb", FILE, 0, 0)
+    assert a.commit_content(fa.ino, 10, {0: ref(3)}) == [ref(3).chunk_id]
+    # B commits the same bytes before A uploads: B keeps a copy pending too.
+    assert b.commit_content(fb.ino, 10, {0: ref(3)}) == [ref(3).chunk_id]
+    assert sorted(a.chunk_holders(ref(3).chunk_id)) == [1, 2]
+    assert upload(b, ref(3).chunk_id) == "done"
+    assert a.pending_uploads() == [] and b.pending_uploads() == []
+    assert upload(a, ref(3).chunk_id) == "done"  # nothing left to do: fine
+
+
+def test_open_elsewhere_keeps_an_unlinked_inode(meta):
+    a, b = meta, other_node(meta)
+    f = a.mknode(ROOT_INODE, b"f", FILE, 0, 0)
+    a.commit_content(f.ino, 10, {0: ref(5)})
+    b.update_open_markers([f.ino], [])
+    a.unlink(ROOT_INODE, b"f")
+    assert a.delete_inode(f.ino) is False  # B still reads it
+    assert a.chunks(f.ino) == {0: ref(5)}
+    b.update_open_markers([], [f.ino])
+    assert a.delete_inode(f.ino, min_orphan_age_ns=3600 * 10**9) is False  # too young for a shared volume
+    assert a.delete_inode(f.ino) is True
+    assert a.garbage() == [ref(5).chunk_id]
+
+
+def test_dead_session_is_reclaimed(meta):
+    a, b = meta, other_node(meta)
+    b.heartbeat({"host": "b"})
+    f = a.mknode(ROOT_INODE, b"f", FILE, 0, 0)
+    b.update_open_markers([f.ino], [])
+    a.unlink(ROOT_INODE, b"f")
+    assert a.delete_inode(f.ino) is False
+    assert 2 in a.sessions()
+    assert a.reclaim_session(2) == 1
+    assert 2 not in a.sessions()
+    assert a.delete_inode(f.ino) is True
+
+
+def test_inode_numbers_come_in_batches_per_node(meta):
+    a, b = meta, other_node(meta)
+    first_a = a.mknode(ROOT_INODE, b"a1", FILE, 0, 0).ino
+    first_b = b.mknode(ROOT_INODE, b"b1", FILE, 0, 0).ino
+    second_a = a.mknode(ROOT_INODE, b"a2", FILE, 0, 0).ino
+    assert second_a == first_a + 1  # from A's own batch
+    assert abs(first_b - first_a) >= 1000  # B took another batch
+    assert meta.counts()["inodes"] - meta._inode_delta == 1  # only the root is flushed yet
+    a.flush_counts()
+    b.flush_counts()
+    assert a.counts()["inodes"] == 4
 
 
 def test_commit_drop_from_removes_truncated_tail(meta):
@@ -192,3 +305,11 @@ def test_symlink_and_setattr(meta):
     assert changed.uid == 5 and changed.mtime_ns == 123
     assert not changed.mode & stat.S_ISUID  # chown clears set-uid
     assert stat.S_ISREG(meta.setattr(f.ino, mode=0o600).mode)
+
+
+def test_chown_clears_setgid_only_with_group_execute(meta):
+    """As on Linux: without group-execute, S_ISGID marks mandatory locking and stays."""
+    locked = meta.mknode(ROOT_INODE, b"locked", FILE | stat.S_ISGID | stat.S_ISUID, 0, 0)
+    assert meta.setattr(locked.ino, uid=7).mode & stat.S_ISGID
+    runnable = meta.mknode(ROOT_INODE, b"run", stat.S_IFREG | 0o755 | stat.S_ISGID, 0, 0)
+    assert not meta.setattr(runnable.ino, gid=7).mode & stat.S_ISGID

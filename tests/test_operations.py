@@ -20,6 +20,7 @@ from datafs.chunks.content import ContentService
 from datafs.config import CHUNK_SIZE_BYTES as C
 from datafs.errors import ChunkMissing, StoreError
 from datafs.fs import Operations
+from datafs.meta.calls import MetaCalls
 from datafs.meta.kv import open_kv
 from datafs.meta.store import ROOT_INODE, MetaStore
 from datafs.tiers.chain import ChunkSource
@@ -73,15 +74,15 @@ class Stack:
         self.store.check()
         self.cache = ChunkCache(tmp / "cache", cache_limit, 0)
         self.cache.open()
-        limiter = trio.CapacityLimiter(1)
+        calls = MetaCalls()
         self.source = ChunkSource(self.cache, self.store, wait_timeout_seconds=wait_timeout)
-        self.uploader = Uploader(self.meta, self.cache, self.store, limiter, concurrency=4)
+        self.uploader = Uploader(self.meta, self.cache, self.store, calls, concurrency=4)
         self.source.connect_uploader(self.uploader)
-        self.collector = Collector(self.meta, self.source, limiter, interval_seconds=3600)
-        self.svc = ContentService(self.meta, self.source, limiter, self.uploader.enqueue, 64 << 20)
+        self.collector = Collector(self.meta, self.source, calls, interval_seconds=3600)
+        self.svc = ContentService(self.meta, self.source, calls, self.uploader.enqueue, 64 << 20)
         self.svc.nursery = nursery
         self.ops = Operations(
-            self.meta, self.svc, limiter, statfs_path=tmp, attr_timeout_seconds=1, entry_timeout_seconds=1,
+            self.meta, self.svc, calls, statfs_path=tmp, attr_timeout_seconds=1, entry_timeout_seconds=1,
             on_inode_deleted=self.collector.wake,
         )
 
@@ -287,7 +288,9 @@ async def test_readdir_counts_lookups(stack, monkeypatch):
         return True
 
     monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
-    await stack.ops.readdir(ROOT_INODE, 0, None)
+    fh = await stack.ops.opendir(ROOT_INODE, Ctx())
+    await stack.ops.readdir(fh, 0, None)
+    await stack.ops.releasedir(fh)
     assert seen == [f"d{i}".encode() for i in range(5)]
     assert all(stack.ops.lookups[ino] == before.get(ino, 0) + 1 for ino in before)
 

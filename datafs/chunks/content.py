@@ -8,7 +8,10 @@ state on the committed chunk list, per chunk index:
   None        a hole: reads as zeros, stored as no chunk
 Indexes absent from the overlay read the committed chunk list, except that
 content at or beyond `cut` (the lowest truncation point since the last commit)
-reads as zeros.
+reads as zeros. The committed chunk list is read from the metadata store once
+per open file and then kept up to date by this node's own commits, so reads
+never ask the metadata engine per request (close-to-open: another node's
+commit shows at the next open).
 
 Like a local filesystem's page cache, the overlay is per inode: every process
 on this node sees writes at once (O_APPEND and the kernel's size cache rely
@@ -33,6 +36,7 @@ import trio
 from .. import metrics
 from ..config import CHUNK_SIZE_BYTES as C
 from . import ZERO_CHUNK
+from ..meta.calls import MetaCalls
 from ..meta.store import ChunkRef, MetaStore
 from ..tiers.chain import ChunkSource
 
@@ -113,12 +117,12 @@ class ContentService:
     """What every FileContent shares: tiers, metadata, limits, background nursery."""
 
     def __init__(
-        self, meta: MetaStore, source: ChunkSource, meta_limiter: trio.CapacityLimiter,
+        self, meta: MetaStore, source: ChunkSource, calls: MetaCalls,
         on_committed: Callable[[list[str]], None], write_buffer_bytes: int,
     ):
         self.meta = meta
         self.source = source
-        self.meta_limiter = meta_limiter
+        self.calls = calls
         self.on_committed = on_committed
         self.max_buffers = max(2, write_buffer_bytes // C)
         self.buffers = 0
@@ -133,25 +137,51 @@ class FileContent:
         self.entries: dict[int, Entry] = {}
         self.cut: int | None = None
         self.mtime_ns: int | None = None
+        self.committed_mtime_ns = 0  # the mtime the last commit recorded
         self.dirty = False
         self.lock = trio.Lock()
         self._superseded: list[ChunkRef] = []
+        self._map: dict[int, ChunkRef] | None = None  # the committed chunk list
 
     # ---- committed state -------------------------------------------------------
+    async def _load_map(self) -> dict[int, ChunkRef]:
+        if self._map is None:
+            chunks = await self.svc.calls(self.svc.meta.chunks, self.ino)
+            if self._map is None:  # another task may have loaded it meanwhile
+                self._map = chunks
+        return self._map
+
     def _committed(self, index: int) -> tuple[ChunkRef | None, int]:
-        """The committed chunk at `index` and how many of its bytes still count."""
+        """The committed chunk at `index` and how many of its bytes still count
+        (the map is loaded: callers await `_load_map` first)."""
         if self.cut is not None and index * C >= self.cut:
-            return None, 0  # no need to ask the metadata store
-        ref = self.svc.meta.chunks(self.ino, index, index).get(index)
+            return None, 0
+        assert self._map is not None
+        ref = self._map.get(index)
         if ref is None:
             return None, 0
         return ref, ref.length if self.cut is None else min(ref.length, self.cut - index * C)
+
+    def _apply_commit(self, changes: dict[int, ChunkRef | None], drop_from: int | None) -> None:
+        """Bring the cached chunk list to what the commit just recorded."""
+        if self._map is None:
+            return
+        end_index = (self.size + C - 1) // C
+        first_dropped = end_index if drop_from is None else min(end_index, drop_from)
+        for index in [i for i in self._map if i >= first_dropped]:
+            del self._map[index]
+        for index, ref in changes.items():
+            if ref is None or index >= end_index:
+                self._map.pop(index, None)
+            else:
+                self._map[index] = ref
 
     # ---- reads -------------------------------------------------------------------
     async def read(self, offset: int, size: int) -> bytes:
         end = min(offset + size, self.size)
         if offset >= end:
             return b""
+        await self._load_map()
         pieces = []
         pos = offset
         while pos < end:
@@ -187,12 +217,11 @@ class FileContent:
     def prefetch(self, first: int, count: int) -> None:
         """Ask the tiers to fetch committed chunks first..first+count-1 ahead of a reader."""
         last = min(first + count, (self.size + C - 1) // C) - 1
-        if last < first:
+        if last < first or self._map is None:
             return
-        refs = self.svc.meta.chunks(self.ino, first, last)
         self.svc.source.prefetch([
-            ref for index, ref in sorted(refs.items())
-            if index not in self.entries and (self.cut is None or index * C < self.cut)
+            self._map[index] for index in range(first, last + 1)
+            if index in self._map and index not in self.entries and (self.cut is None or index * C < self.cut)
         ])
 
     # ---- writes ------------------------------------------------------------------
@@ -226,6 +255,7 @@ class FileContent:
         if isinstance(entry, _Buffer):
             return entry
         if entry is _MISSING:
+            await self._load_map()
             base, base_len = self._committed(index)
         elif entry is None:
             base, base_len = None, 0
@@ -307,11 +337,12 @@ class FileContent:
             self.dirty = True
 
     # ---- commit ------------------------------------------------------------------
-    async def commit(self) -> None:
-        """Seal what is buffered and record it in one metadata transaction."""
+    async def commit(self) -> bool:
+        """Seal what is buffered and record it in one metadata transaction.
+        Returns whether there was anything to commit."""
         async with self.lock:
             if not self.dirty:
-                return
+                return False
             changes: dict[int, ChunkRef | None] = {}
             for index in sorted(self.entries):
                 entry = await self._settle(index)
@@ -319,18 +350,21 @@ class FileContent:
                     entry = self.entries[index] = await self._seal_buffer(index, entry)
                 changes[index] = entry  # type: ignore[assignment]
             drop_from = None if self.cut is None else (self.cut + C - 1) // C
-            new_chunks = await trio.to_thread.run_sync(
-                self.svc.meta.commit_content, self.ino, self.size, changes, self.mtime_ns, drop_from,
-                limiter=self.svc.meta_limiter,
+            mtime_ns = self.mtime_ns or time.time_ns()
+            new_chunks = await self.svc.calls.in_thread(
+                self.svc.meta.commit_content, self.ino, self.size, changes, mtime_ns, drop_from,
             )
             metrics.COMMITS.inc()
             self.svc.on_committed(new_chunks)  # pins them for upload before the seal pins go
+            self._apply_commit(changes, drop_from)
+            self.committed_mtime_ns = mtime_ns
             for ref in [r for r in changes.values() if r is not None] + self._superseded:
                 self.svc.source.release(ref)
             self.entries.clear()
             self._superseded.clear()
             self.cut = None
             self.dirty = False
+            return True
 
     async def discard(self) -> None:
         """Forget uncommitted state (the file was deleted while open)."""

@@ -10,13 +10,14 @@ also survive a power loss (after file-content commits and on fsync).
 
 from __future__ import annotations
 
-import contextlib
 import os
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import lmdb
 
 from .kv import KV, Txn
+
+T = TypeVar("T")
 
 # Address space only; the file grows as data is written.
 MAP_SIZE_BYTES = 1 << 40
@@ -32,21 +33,24 @@ class _LmdbTxn(Txn):
     def put(self, key: bytes, value: bytes) -> None:
         self._txn.put(key, value)
 
-    def delete(self, key: bytes) -> bool:
-        return self._txn.delete(key)
+    def delete(self, key: bytes) -> None:
+        self._txn.delete(key)
 
-    def scan(self, prefix: bytes, start: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+    def scan(self, prefix: bytes, start: bytes | None = None, limit: int | None = None) -> Iterator[tuple[bytes, bytes]]:
         cursor = self._txn.cursor()
         if not cursor.set_range(max(prefix, start) if start is not None else prefix):
             return
+        count = 0
         for key, value in cursor:
-            if not key.startswith(prefix):
+            if not key.startswith(prefix) or (limit is not None and count >= limit):
                 break
+            count += 1
             yield key, value
 
 
 class LmdbKV(KV):
     def __init__(self, path: str, readonly: bool = False):
+        self.path = path
         if not readonly:
             os.makedirs(path, exist_ok=True)
         self._env = lmdb.open(
@@ -60,15 +64,17 @@ class LmdbKV(KV):
             max_spare_txns=16,
         )
 
-    @contextlib.contextmanager
-    def read(self) -> Iterator[Txn]:
+    def view(self, fn: Callable[[Txn], T]) -> T:
         with self._env.begin(write=False, buffers=False) as txn:
-            yield _LmdbTxn(txn)
+            return fn(_LmdbTxn(txn))
 
-    @contextlib.contextmanager
-    def write(self) -> Iterator[Txn]:
+    def transact(self, fn: Callable[[Txn], T]) -> T:
+        # One writer at a time: a body never conflicts, so it runs once.
         with self._env.begin(write=True) as txn:
-            yield _LmdbTxn(txn)
+            return fn(_LmdbTxn(txn))
+
+    def describe(self) -> str:
+        return f"lmdb://{self.path}"
 
     def sync(self) -> None:
         self._env.sync(True)

@@ -1,34 +1,60 @@
 """The filesystem schema on top of the key-value interface.
 
-Every public method is one transaction. Methods that write are blocking (an
-LMDB commit) and are called from a worker thread by `fs.py`; they never await.
+Every public method is one transaction: a function handed to `kv.transact` or
+`kv.view`, which an optimistic engine may run more than once, so bodies only
+read and write keys and return values. Methods block; `fs.py` runs them inline
+for a local engine (LMDB, microseconds) and in worker threads for a remote one.
+
+A `MetaStore` speaks for one node (`node_id`): what is shared between nodes
+and what is the node's own lives in the same engine, under different keys.
 
 Key layout (integers big-endian so scans come out in order):
+    V                       -> volume record (JSON: name, uuid, store, chunk size)
     i <ino>                 -> Inode record
     d <parent> <name>       -> child ino, entry seq      (lookup by name)
     e <parent> <seq>        -> name                      (readdir, stable offsets)
     c <ino> <index>         -> chunk id (32 bytes), length (file content)
-    r <chunk id>            -> refcount, length          (dedup and GC)
-    u <chunk id>            -> enqueue time ns           (pending upload)
-    g <chunk id>            -> ''                        (refcount fell to zero)
+    r <chunk id>            -> refcount, length, flags   (dedup, GC, upload state)
+    g <chunk id>            -> time ns                   (refcount fell to zero, or deletion began)
+    u <node> <chunk id>     -> token                     (pending upload from that node)
+    w <chunk id> <node>     -> ''                        (who holds an unuploaded copy)
     x <ino> <name>          -> xattr value
     l <ino>                 -> symlink target
-    o <ino>                 -> ''                        (nlink 0, kept while open)
-    #ino, #inodes           -> counters
+    o <ino>                 -> time ns                   (nlink 0, kept while open somewhere)
+    O <ino> <node>          -> ''                        (that node holds the inode open)
+    s <node>                -> session record (JSON, with heartbeat time)
+    #ino                    -> inode numbers handed out (in batches, per node)
+    #node                   -> node ids handed out
+    #inodes <node>          -> inodes created minus freed by that node
+
+No hot keys: inode numbers come in batches, inode counts are per node and
+flushed in the background, and the only key many nodes write at once is the
+directory they all create files in (its entry sequence), where a conflict
+just runs the transaction again.
 
 Readdir offsets are per-directory sequence numbers handed out at link time and
-never reused, so entries removed during a listing cannot make another entry be
-skipped or repeated.
+never reused, so entries removed (on any node) during a listing cannot make
+another entry be skipped or repeated.
+
+A chunk's life (`r` flags): committed for the first time by a node, it is
+PENDING and that node records it under `u`/`w`; the first upload clears
+PENDING and every node's `u`/`w` for it. At refcount zero it goes on the `g`
+list; after the grace period a collector marks it DELETING, deletes the
+object, then forgets it. A commit that re-references a chunk rescues it: off
+the `g` list, or, if DELETING, pending again on the committing node (whose
+upload waits until the deletion is over, then puts it back).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import stat
 import struct
+import threading
 import time
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from .. import errors
 from ..config import CHUNK_SIZE_BYTES
@@ -38,16 +64,31 @@ ROOT_INODE = 1
 NAME_MAX = 255
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
+#: Inode numbers a node takes from the shared counter at a time.
+INODE_BATCH = 1024
+#: A deletion whose collector died is taken over after this long.
+STALE_DELETION_NS = 300 * 10**9
+
+PENDING = 1
+DELETING = 2
 
 _INODE = struct.Struct(">IIIQqqqIQQQ")
 _U64 = struct.Struct(">Q")
 _ENTRY = struct.Struct(">QQ")
 _CHUNK = struct.Struct(">32sI")
-_REF = struct.Struct(">qI")
+_REF_OLD = struct.Struct(">qI")
+_REF = struct.Struct(">qIB")
+
+UPLOAD_DONE = "done"
+UPLOAD_RETRY = "retry"
 
 
 def _u64(value: int) -> bytes:
     return _U64.pack(value)
+
+
+def _time(raw: bytes | None) -> int:
+    return _U64.unpack(raw)[0] if raw and len(raw) == 8 else 0
 
 
 @dataclasses.dataclass
@@ -90,6 +131,22 @@ class ChunkRef:
     length: int
 
 
+@dataclasses.dataclass
+class ChunkRecord:
+    refs: int
+    length: int
+    flags: int = 0
+
+    def pack(self) -> bytes:
+        return _REF.pack(self.refs, self.length, self.flags)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> "ChunkRecord":
+        if len(raw) == _REF_OLD.size:
+            return cls(*_REF_OLD.unpack(raw))
+        return cls(*_REF.unpack(raw))
+
+
 def _k_inode(ino: int) -> bytes:
     return b"i" + _u64(ino)
 
@@ -110,6 +167,22 @@ def _k_xattr(ino: int, name: bytes) -> bytes:
     return b"x" + _u64(ino) + name
 
 
+def _k_pending(node: int, chunk: bytes) -> bytes:
+    return b"u" + _u64(node) + chunk
+
+
+def _k_holder(chunk: bytes, node: int) -> bytes:
+    return b"w" + chunk + _u64(node)
+
+
+def _k_open(ino: int, node: int) -> bytes:
+    return b"O" + _u64(ino) + _u64(node)
+
+
+def _k_count(node: int) -> bytes:
+    return b"#inodes" + _u64(node)
+
+
 def _check_name(name: bytes) -> None:
     if len(name) > NAME_MAX:
         raise errors.NameTooLong(f"name of {len(name)} bytes")
@@ -118,13 +191,27 @@ def _check_name(name: bytes) -> None:
 
 
 class _Tx:
-    """A write transaction with an inode cache, so a method can load the same
-    directory twice (rename within one directory) and save it once."""
+    """One run of a transaction body: an inode cache (so a method can load the
+    same directory twice and save it once) and a chunk-record cache (so the
+    reference counts of a whole commit are read in one batch)."""
 
-    def __init__(self, txn: Txn):
+    def __init__(self, txn: Txn, node: int):
         self.t = txn
+        self.node = node
         self._inodes: dict[int, Inode] = {}
+        self._refs: dict[bytes, ChunkRecord | None] = {}
         self.now = time.time_ns()
+        self.to_upload: list[str] = []
+
+    # ---- inodes and entries ------------------------------------------------
+    def load(self, *keys: bytes) -> dict[bytes, bytes]:
+        """Fetch several keys in one round trip; inode records are cached."""
+        found = self.t.get_many(k for k in keys if not (k[:1] == b"i" and _U64.unpack(k[1:9])[0] in self._inodes))
+        for key, raw in found.items():
+            if key[:1] == b"i" and len(key) == 9:
+                ino = _U64.unpack(key[1:])[0]
+                self._inodes[ino] = Inode.unpack(ino, raw)
+        return found
 
     def inode(self, ino: int) -> Inode:
         if ino not in self._inodes:
@@ -155,19 +242,13 @@ class _Tx:
         self.t.put(_k_dirent(parent.ino, name), _ENTRY.pack(ino, seq))
         self.t.put(_k_seq(parent.ino, seq), name)
 
-    def set_entry(self, parent: int, name: bytes, ino: int) -> None:
+    def set_entry(self, parent: int, name: bytes, ino: int, seq: int) -> None:
         """Point an existing entry at another inode, keeping its readdir position."""
-        _, seq = self.entry(parent, name)  # type: ignore[misc]
         self.t.put(_k_dirent(parent, name), _ENTRY.pack(ino, seq))
 
-    def remove_entry(self, parent: int, name: bytes) -> int:
-        found = self.entry(parent, name)
-        if found is None:
-            raise errors.NotFound(name.decode(errors="replace"))
-        ino, seq = found
+    def remove_entry(self, parent: int, name: bytes, seq: int) -> None:
         self.t.delete(_k_dirent(parent, name))
         self.t.delete(_k_seq(parent, seq))
-        return ino
 
     def touch(self, inode: Inode, *, mtime: bool = True) -> None:
         inode.ctime_ns = self.now
@@ -178,65 +259,215 @@ class _Tx:
         inode.nlink = 0 if inode.is_dir else inode.nlink - 1
         inode.ctime_ns = self.now
         if inode.nlink == 0:
-            self.t.put(b"o" + _u64(inode.ino), b"")
+            self.t.put(b"o" + _u64(inode.ino), _u64(self.now))
 
-    # Chunk reference counting. A chunk first seen here is queued for upload.
-    def incref(self, chunk_id: bytes, length: int) -> bool:
-        raw = self.t.get(b"r" + chunk_id)
-        if raw is None:
-            self.t.put(b"r" + chunk_id, _REF.pack(1, length))
-            self.t.put(b"u" + chunk_id, _u64(self.now))
-            return True
-        refs, _ = _REF.unpack(raw)
-        if refs == 0:
-            self.t.delete(b"g" + chunk_id)
-        self.t.put(b"r" + chunk_id, _REF.pack(refs + 1, length))
-        return False
+    def is_empty_dir(self, ino: int) -> bool:
+        return next(self.t.scan(b"e" + _u64(ino), limit=1), None) is None
 
-    def decref(self, chunk_id: bytes) -> None:
-        raw = self.t.get(b"r" + chunk_id)
-        if raw is None:
+    # ---- chunk reference counting ----------------------------------------------
+    def load_refs(self, chunk_ids: Iterable[bytes]) -> None:
+        wanted = [c for c in set(chunk_ids) if c not in self._refs]
+        found = self.t.get_many(b"r" + c for c in wanted)
+        for chunk in wanted:
+            raw = found.get(b"r" + chunk)
+            self._refs[chunk] = ChunkRecord.unpack(raw) if raw else None
+
+    def _ref(self, chunk: bytes) -> ChunkRecord | None:
+        if chunk not in self._refs:
+            self.load_refs([chunk])
+        return self._refs[chunk]
+
+    def incref(self, chunk: bytes, length: int) -> None:
+        """One more reference. A chunk new to the volume, being deleted from
+        the store, or not yet uploaded by another node is recorded as pending
+        upload from this node too (this node sealed it, so it has the bytes)."""
+        record = self._ref(chunk)
+        new = record is None
+        if record is None:
+            record = ChunkRecord(0, length)
+        elif record.refs == 0 and not record.flags & DELETING:
+            self.t.delete(b"g" + chunk)
+        record.refs += 1
+        if new or (record.flags & (PENDING | DELETING) and self.t.get(_k_pending(self.node, chunk)) is None):
+            self.add_pending(chunk)
+            record.flags |= PENDING
+        self._refs[chunk] = record
+        self.t.put(b"r" + chunk, record.pack())
+
+    def add_pending(self, chunk: bytes) -> None:
+        self.t.put(_k_pending(self.node, chunk), _u64(self.now))
+        self.t.put(_k_holder(chunk, self.node), b"")
+        self.to_upload.append(chunk.hex())
+
+    def decref(self, chunk: bytes) -> None:
+        record = self._ref(chunk)
+        if record is None:
             return
-        refs, length = _REF.unpack(raw)
-        refs = max(refs - 1, 0)
-        self.t.put(b"r" + chunk_id, _REF.pack(refs, length))
-        if refs == 0:
-            self.t.put(b"g" + chunk_id, b"")
+        record.refs = max(record.refs - 1, 0)
+        self.t.put(b"r" + chunk, record.pack())
+        if record.refs == 0 and not record.flags & DELETING:
+            self.t.put(b"g" + chunk, _u64(self.now))
+
+    def holders(self, chunk: bytes) -> list[int]:
+        return [_U64.unpack(k[33:])[0] for k, _ in self.t.scan(b"w" + chunk)]
+
+    def clear_pending(self, chunk: bytes) -> None:
+        for node in self.holders(chunk):
+            self.t.delete(_k_pending(node, chunk))
+            self.t.delete(_k_holder(chunk, node))
+
+
+class InodeAllocator:
+    """Hands out inode numbers from batches taken off the shared counter, so
+    nodes creating files at once never contend for one key."""
+
+    def __init__(self, kv: KV):
+        self.kv = kv
+        self._next = 0
+        self._end = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> int:
+        with self._lock:
+            if self._next >= self._end:
+                end = self.kv.transact(lambda t: t.incr(b"#ino", INODE_BATCH))
+                self._next, self._end = end - INODE_BATCH + 1, end + 1
+            ino = self._next
+            self._next += 1
+            return ino
 
 
 class MetaStore:
-    def __init__(self, kv: KV):
+    def __init__(self, kv: KV, node_id: int = 1):
         self.kv = kv
+        self.node_id = node_id
+        self.allocator = InodeAllocator(kv)
+        # Inodes created minus freed here since the last flush (a per-node
+        # counter flushed in the background keeps creates free of a hot key).
+        self._inode_delta = 0
+        self._delta_lock = threading.Lock()
 
-    # ---- lifecycle -------------------------------------------------------
+    @property
+    def remote(self) -> bool:
+        return self.kv.remote
+
+    @property
+    def shared(self) -> bool:
+        return self.kv.shared
+
+    def _write(self, body):
+        return self.kv.transact(lambda t: body(_Tx(t, self.node_id)))
+
+    # ---- volume, nodes and sessions ---------------------------------------------------
+    def volume(self) -> dict | None:
+        raw = self.kv.view(lambda t: t.get(b"V"))
+        return json.loads(raw) if raw else None
+
+    def init_volume(self, record: dict, uid: int | None = None, gid: int | None = None) -> dict:
+        """Create the volume (its record and root directory) unless it exists;
+        return the stored record either way."""
+        uid = os.getuid() if uid is None else uid
+        gid = os.getgid() if gid is None else gid
+
+        def body(t: Txn) -> dict:
+            raw = t.get(b"V")
+            if raw is not None:
+                return json.loads(raw)
+            if t.get(_k_inode(ROOT_INODE)) is None:
+                now = time.time_ns()
+                root = Inode(
+                    ROOT_INODE, stat.S_IFDIR | 0o755, uid, gid,
+                    atime_ns=now, mtime_ns=now, ctime_ns=now, nlink=2, parent=ROOT_INODE,
+                )
+                t.put(_k_inode(ROOT_INODE), root.pack())
+                if t.get(b"#ino") is None:
+                    t.incr(b"#ino", ROOT_INODE)
+                t.incr(_k_count(0))
+            else:
+                _migrate_single_node(t)
+            t.put(b"V", json.dumps(record, sort_keys=True).encode())
+            return record
+
+        return self.kv.transact(body)
+
     def init_root(self, uid: int | None = None, gid: int | None = None) -> None:
-        with self.kv.write() as t:
-            if t.get(_k_inode(ROOT_INODE)) is not None:
-                return
-            now = time.time_ns()
-            root = Inode(
-                ROOT_INODE, stat.S_IFDIR | 0o755,
-                os.getuid() if uid is None else uid, os.getgid() if gid is None else gid,
-                atime_ns=now, mtime_ns=now, ctime_ns=now, nlink=2, parent=ROOT_INODE,
-            )
-            t.put(_k_inode(ROOT_INODE), root.pack())
-            t.put(b"#ino", _U64.pack(ROOT_INODE))
-            t.incr(b"#inodes")
+        """A volume with default settings (unit tests, tools)."""
+        self.init_volume({"name": "test", "uuid": "0", "chunk_size": CHUNK_SIZE_BYTES}, uid, gid)
+
+    def register_node(self) -> int:
+        return self.kv.transact(lambda t: t.incr(b"#node"))
+
+    def heartbeat(self, info: dict) -> None:
+        record = json.dumps({**info, "node": self.node_id, "heartbeat": time.time()}, sort_keys=True).encode()
+        self.kv.transact(lambda t: t.put(b"s" + _u64(self.node_id), record))
+
+    def end_session(self) -> None:
+        self.kv.transact(lambda t: t.delete(b"s" + _u64(self.node_id)))
+
+    def sessions(self) -> dict[int, dict]:
+        return self.kv.view(lambda t: {_U64.unpack(k[1:])[0]: json.loads(v) for k, v in t.scan(b"s")})
+
+    def reclaim_session(self, node: int) -> int:
+        """Forget a dead node's open markers and session (its pending uploads
+        stay: they resume when the node comes back). Returns markers dropped."""
+
+        def body(t: Txn) -> int:
+            dropped = 0
+            for key, _ in list(t.scan(b"O")):
+                if _U64.unpack(key[9:])[0] == node:
+                    t.delete(key)
+                    dropped += 1
+            t.delete(b"s" + _u64(node))
+            return dropped
+
+        return self.kv.transact(body)
+
+    def update_open_markers(self, opened: Iterable[int], closed: Iterable[int]) -> None:
+        """Tell other nodes which inodes this node holds open, so an inode
+        unlinked elsewhere is not freed under this node's descriptors."""
+        opened, closed = list(opened), list(closed)
+
+        def body(t: Txn) -> None:
+            for ino in opened:
+                t.put(_k_open(ino, self.node_id), b"")
+            for ino in closed:
+                t.delete(_k_open(ino, self.node_id))
+
+        if opened or closed:
+            self.kv.transact(body)
+
+    def add_inode_delta(self, delta: int) -> None:
+        with self._delta_lock:
+            self._inode_delta += delta
+
+    def flush_counts(self) -> None:
+        with self._delta_lock:
+            delta, self._inode_delta = self._inode_delta, 0
+        if not delta:
+            return
+        try:
+            self.kv.transact(lambda t: t.incr(_k_count(self.node_id), delta))
+        except BaseException:
+            self.add_inode_delta(delta)
+            raise
 
     def sync(self) -> None:
         self.kv.sync()
 
     # ---- reads ------------------------------------------------------------
     def get_inode(self, ino: int) -> Inode:
-        with self.kv.read() as t:
-            raw = t.get(_k_inode(ino))
+        raw = self.kv.view(lambda t: t.get(_k_inode(ino)))
         if raw is None:
             raise errors.NotFound(f"inode {ino}")
         return Inode.unpack(ino, raw)
 
     def lookup(self, parent: int, name: bytes) -> Inode:
-        with self.kv.read() as t:
-            raw_parent = t.get(_k_inode(parent))
+        if len(name) > NAME_MAX:
+            raise errors.NameTooLong(f"name of {len(name)} bytes")
+
+        def body(t: Txn) -> Inode:
+            found = t.get_many([_k_inode(parent), _k_dirent(parent, name)])
+            raw_parent = found.get(_k_inode(parent))
             if raw_parent is None:
                 raise errors.NotFound(f"inode {parent}")
             parent_inode = Inode.unpack(parent, raw_parent)
@@ -247,96 +478,164 @@ class MetaStore:
             if name == b"..":
                 ino = parent_inode.parent
             else:
-                if len(name) > NAME_MAX:
-                    raise errors.NameTooLong(f"name of {len(name)} bytes")
-                raw = t.get(_k_dirent(parent, name))
+                raw = found.get(_k_dirent(parent, name))
                 if raw is None:
                     raise errors.NotFound(name.decode(errors="replace"))
                 ino = _ENTRY.unpack(raw)[0]
-            return Inode.unpack(ino, t.get(_k_inode(ino)))
+            raw_child = t.get(_k_inode(ino))
+            if raw_child is None:
+                raise errors.NotFound(f"inode {ino}")
+            return Inode.unpack(ino, raw_child)
 
-    def readdir(self, parent: int, start_seq: int) -> Iterator[tuple[int, bytes, Inode]]:
-        """Entries with seq >= start_seq as (seq, name, inode), from one snapshot.
-        A generator, so a listing reads only the entries the kernel takes; it
-        holds a read transaction, so the caller must not await while iterating."""
+        return self.kv.view(body)
+
+    def readdir(self, parent: int, start_seq: int, limit: int = 256) -> list[tuple[int, bytes, Inode]]:
+        """Up to `limit` entries with seq >= start_seq as (seq, name, inode),
+        from one snapshot, in three batched reads."""
         prefix = b"e" + _u64(parent)
-        with self.kv.read() as t:
-            for key, name in t.scan(prefix, prefix + _u64(start_seq)):
-                ino = _ENTRY.unpack(t.get(_k_dirent(parent, name)))[0]
-                yield _U64.unpack(key[9:])[0], name, Inode.unpack(ino, t.get(_k_inode(ino)))
+
+        def body(t: Txn) -> list[tuple[int, bytes, Inode]]:
+            rows = list(t.scan(prefix, prefix + _u64(start_seq), limit=limit))
+            dirents = t.get_many(_k_dirent(parent, name) for _, name in rows)
+            inos = {}
+            for key, name in rows:
+                raw = dirents.get(_k_dirent(parent, name))
+                if raw is not None:
+                    inos[key] = _ENTRY.unpack(raw)[0]
+            inodes = t.get_many(_k_inode(ino) for ino in inos.values())
+            out = []
+            for key, name in rows:
+                ino = inos.get(key)
+                raw = inodes.get(_k_inode(ino)) if ino is not None else None
+                if raw is not None:
+                    out.append((_U64.unpack(key[9:])[0], name, Inode.unpack(ino, raw)))
+            return out
+
+        return self.kv.view(body)
 
     def readlink(self, ino: int) -> bytes:
-        with self.kv.read() as t:
-            target = t.get(b"l" + _u64(ino))
+        target = self.kv.view(lambda t: t.get(b"l" + _u64(ino)))
         if target is None:
             raise errors.Invalid(f"inode {ino} is not a symlink")
         return target
 
-    def chunks(self, ino: int, first: int, last: int) -> dict[int, ChunkRef]:
+    def chunks(self, ino: int, first: int = 0, last: int = 1 << 62) -> dict[int, ChunkRef]:
         """Chunk refs of indexes first..last inclusive; holes are absent."""
-        out = {}
         prefix = b"c" + _u64(ino)
-        with self.kv.read() as t:
+
+        def body(t: Txn) -> dict[int, ChunkRef]:
+            out = {}
             for key, value in t.scan(prefix, prefix + _u64(first)):
                 index = _U64.unpack(key[9:])[0]
                 if index > last:
                     break
                 raw_id, length = _CHUNK.unpack(value)
                 out[index] = ChunkRef(raw_id.hex(), length)
-        return out
+            return out
+
+        return self.kv.view(body)
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        with self.kv.read() as t:
-            if t.get(_k_inode(ino)) is None:
-                raise errors.NotFound(f"inode {ino}")
-            value = t.get(_k_xattr(ino, name))
+        found = self.kv.view(lambda t: t.get_many([_k_inode(ino), _k_xattr(ino, name)]))
+        if _k_inode(ino) not in found:
+            raise errors.NotFound(f"inode {ino}")
+        value = found.get(_k_xattr(ino, name))
         if value is None:
             raise errors.NoAttr(name.decode(errors="replace"))
         return value
 
     def listxattr(self, ino: int) -> list[bytes]:
         prefix = b"x" + _u64(ino)
-        with self.kv.read() as t:
-            return [key[9:] for key, _ in t.scan(prefix)]
+        return self.kv.view(lambda t: [key[9:] for key, _ in t.scan(prefix)])
 
-    def orphans(self) -> list[int]:
-        with self.kv.read() as t:
-            return [_U64.unpack(key[1:])[0] for key, _ in t.scan(b"o")]
+    def orphans(self) -> list[tuple[int, int]]:
+        """(ino, ns since it lost its last name) of every orphan."""
+        now = time.time_ns()
+        return self.kv.view(lambda t: [(_U64.unpack(k[1:])[0], now - (_time(v) or now)) for k, v in t.scan(b"o")])
 
-    def pending_uploads(self, limit: int = 1 << 30) -> list[tuple[str, int, int]]:
-        """(chunk id, length, enqueued ns) of chunks not yet in the object store."""
-        out = []
-        with self.kv.read() as t:
-            for key, value in t.scan(b"u"):
-                raw = t.get(b"r" + key[1:])
-                length = _REF.unpack(raw)[1] if raw else 0
-                out.append((key[1:].hex(), length, _U64.unpack(value)[0]))
-                if len(out) >= limit:
-                    break
-        return out
+    def open_elsewhere(self, ino: int) -> list[int]:
+        return self.kv.view(lambda t: [
+            n for n in (_U64.unpack(k[9:])[0] for k, _ in t.scan(b"O" + _u64(ino))) if n != self.node_id
+        ])
+
+    def pending_uploads(self, node: int | None = None, limit: int = 1 << 30) -> list[tuple[str, int, int]]:
+        """(chunk id, length, enqueued ns) of chunks this node (or `node`) must upload."""
+        prefix = b"u" + _u64(self.node_id if node is None else node)
+
+        def body(t: Txn) -> list[tuple[str, int, int]]:
+            rows = list(t.scan(prefix, limit=limit))
+            records = t.get_many(b"r" + key[9:] for key, _ in rows)
+            out = []
+            for key, value in rows:
+                raw = records.get(b"r" + key[9:])
+                out.append((key[9:].hex(), ChunkRecord.unpack(raw).length if raw else 0, _time(value)))
+            return out
+
+        return self.kv.view(body)
+
+    def all_pending(self) -> list[tuple[int, str, int]]:
+        """(node, chunk id, enqueued ns) of every pending upload in the volume."""
+        return self.kv.view(lambda t: [
+            (_U64.unpack(k[1:9])[0], k[9:].hex(), _time(v)) for k, v in t.scan(b"u")
+        ])
+
+    def pending_token(self, chunk_id: str) -> bytes | None:
+        """This node's pending-upload token for a chunk, or None if it owes no upload."""
+        return self.kv.view(lambda t: t.get(_k_pending(self.node_id, bytes.fromhex(chunk_id))))
 
     def is_pending(self, chunk_id: str) -> bool:
-        with self.kv.read() as t:
-            return t.get(b"u" + bytes.fromhex(chunk_id)) is not None
+        return self.pending_token(chunk_id) is not None
+
+    def chunk_holders(self, chunk_id: str) -> list[int]:
+        """Nodes that committed this chunk and hold it until it is uploaded."""
+        raw = bytes.fromhex(chunk_id)
+        return self.kv.view(lambda t: [_U64.unpack(k[33:])[0] for k, _ in t.scan(b"w" + raw)])
 
     def chunk_record(self, chunk_id: str) -> tuple[int, int] | None:
-        """(reference count, length) of a chunk this store knows, else None."""
-        with self.kv.read() as t:
-            raw = t.get(b"r" + bytes.fromhex(chunk_id))
-        return None if raw is None else _REF.unpack(raw)
+        """(reference count, length) of a chunk this volume knows, else None."""
+        raw = self.kv.view(lambda t: t.get(b"r" + bytes.fromhex(chunk_id)))
+        if raw is None:
+            return None
+        record = ChunkRecord.unpack(raw)
+        return record.refs, record.length
 
-    def garbage(self, limit: int = 1024) -> list[str]:
-        out = []
-        with self.kv.read() as t:
-            for key, _ in t.scan(b"g"):
-                out.append(key[1:].hex())
-                if len(out) >= limit:
-                    break
-        return out
+    def chunk_records(self, chunk_ids: Iterable[str]) -> dict[str, tuple[int, int]]:
+        ids = list(chunk_ids)
+
+        def body(t: Txn) -> dict[str, tuple[int, int]]:
+            out = {}
+            for start in range(0, len(ids), 1000):
+                found = t.get_many(b"r" + bytes.fromhex(c) for c in ids[start:start + 1000])
+                for key, raw in found.items():
+                    record = ChunkRecord.unpack(raw)
+                    out[key[1:].hex()] = (record.refs, record.length)
+            return out
+
+        return self.kv.view(body)
+
+    def garbage(self, limit: int = 1024, grace_ns: int = 0) -> list[str]:
+        """Chunks at refcount zero for at least `grace_ns` (or whose deletion stalled)."""
+        now = time.time_ns()
+
+        def body(t: Txn) -> list[str]:
+            out = []
+            for key, value in t.scan(b"g"):
+                if now - _time(value) >= grace_ns:
+                    out.append(key[1:].hex())
+                    if len(out) >= limit:
+                        break
+            return out
+
+        return self.kv.view(body)
 
     def counts(self) -> dict[str, int]:
-        with self.kv.read() as t:
-            return {"inodes": t.counter(b"#inodes"), "next_ino": t.counter(b"#ino") + 1}
+        def body(t: Txn) -> dict[str, int]:
+            inodes = sum(struct.unpack(">q", v)[0] for _, v in t.scan(b"#inodes"))
+            return {"inodes": inodes, "next_ino": t.counter(b"#ino") + 1}
+
+        out = self.kv.view(body)
+        out["inodes"] += self._inode_delta
+        return out
 
     # ---- namespace writes -------------------------------------------------
     def mknode(
@@ -344,22 +643,22 @@ class MetaStore:
         rdev: int = 0, target: bytes | None = None,
     ) -> Inode:
         _check_name(name)
-        with self.kv.write() as t:
-            tx = _Tx(t)
+        ino = self.allocator.take()
+
+        def body(tx: _Tx) -> Inode:
+            found = tx.load(_k_inode(parent), _k_dirent(parent, name))
             directory = tx.directory(parent)
             if directory.nlink == 0:
                 raise errors.NotFound("directory was removed")
-            if tx.entry(parent, name) is not None:
+            if _k_dirent(parent, name) in found:
                 raise errors.Exists(name.decode(errors="replace"))
-            ino = t.incr(b"#ino")
-            t.incr(b"#inodes")
             is_dir = stat.S_ISDIR(mode)
             inode = Inode(
                 ino, mode, uid, gid, atime_ns=tx.now, mtime_ns=tx.now, ctime_ns=tx.now,
                 nlink=2 if is_dir else 1, rdev=rdev, parent=parent if is_dir else 0,
             )
             if target is not None:
-                t.put(b"l" + _u64(ino), target)
+                tx.t.put(b"l" + _u64(ino), target)
                 inode.size = len(target)
             tx.add_entry(directory, name, ino)
             if is_dir:
@@ -368,10 +667,15 @@ class MetaStore:
             tx.save(inode, directory)
             return inode
 
+        inode = self._write(body)
+        self.add_inode_delta(1)
+        return inode
+
     def link(self, ino: int, parent: int, name: bytes) -> Inode:
         _check_name(name)
-        with self.kv.write() as t:
-            tx = _Tx(t)
+
+        def body(tx: _Tx) -> Inode:
+            found = tx.load(_k_inode(ino), _k_inode(parent), _k_dirent(parent, name))
             inode = tx.inode(ino)
             if inode.is_dir:
                 raise errors.NotPermitted("hard link to a directory")
@@ -380,7 +684,7 @@ class MetaStore:
             if inode.nlink >= 0xFFFFFFFF:
                 raise errors.TooManyLinks(f"inode {ino}")
             directory = tx.directory(parent)
-            if tx.entry(parent, name) is not None:
+            if _k_dirent(parent, name) in found:
                 raise errors.Exists(name.decode(errors="replace"))
             tx.add_entry(directory, name, ino)
             inode.nlink += 1
@@ -389,30 +693,37 @@ class MetaStore:
             tx.save(inode, directory)
             return inode
 
+        return self._write(body)
+
     def unlink(self, parent: int, name: bytes, *, directory: bool = False) -> Inode:
         """Remove one name. Returns the inode; nlink 0 means it is an orphan now."""
-        with self.kv.write() as t:
-            tx = _Tx(t)
+
+        def body(tx: _Tx) -> Inode:
+            found = tx.load(_k_inode(parent), _k_dirent(parent, name))
             parent_inode = tx.directory(parent)
-            found = tx.entry(parent, name)
-            if found is None:
+            raw = found.get(_k_dirent(parent, name))
+            if raw is None:
                 raise errors.NotFound(name.decode(errors="replace"))
-            inode = tx.inode(found[0])
+            ino, seq = _ENTRY.unpack(raw)
+            inode = tx.inode(ino)
             if directory:
                 if not inode.is_dir:
                     raise errors.NotDirectory(name.decode(errors="replace"))
-                if next(t.scan(b"e" + _u64(inode.ino)), None) is not None:
+                if not tx.is_empty_dir(inode.ino):
                     raise errors.NotEmpty(name.decode(errors="replace"))
                 parent_inode.nlink -= 1
             elif inode.is_dir:
                 raise errors.IsDirectory(name.decode(errors="replace"))
-            tx.remove_entry(parent, name)
+            tx.remove_entry(parent, name, seq)
             tx.drop_link(inode)
             tx.touch(parent_inode)
             tx.save(inode, parent_inode)
             return inode
 
-    def _is_ancestor(self, tx: _Tx, ancestor: int, ino: int) -> bool:
+        return self._write(body)
+
+    @staticmethod
+    def _is_ancestor(tx: _Tx, ancestor: int, ino: int) -> bool:
         while True:
             if ino == ancestor:
                 return True
@@ -427,15 +738,22 @@ class MetaStore:
         noreplace, exchange = bool(flags & 1), bool(flags & 2)
         if flags & ~3 or (noreplace and exchange):
             raise errors.Invalid("unsupported rename flags")
-        with self.kv.write() as t:
-            tx = _Tx(t)
+
+        def body(tx: _Tx) -> Inode | None:
+            found = tx.load(
+                _k_inode(old_parent), _k_inode(new_parent),
+                _k_dirent(old_parent, old_name), _k_dirent(new_parent, new_name),
+            )
             src_dir, dst_dir = tx.directory(old_parent), tx.directory(new_parent)
-            found = tx.entry(old_parent, old_name)
-            if found is None:
+            raw_src = found.get(_k_dirent(old_parent, old_name))
+            if raw_src is None:
                 raise errors.NotFound(old_name.decode(errors="replace"))
-            moved = tx.inode(found[0])
-            target_entry = tx.entry(new_parent, new_name)
-            target = tx.inode(target_entry[0]) if target_entry else None
+            moved_ino, src_seq = _ENTRY.unpack(raw_src)
+            raw_dst = found.get(_k_dirent(new_parent, new_name))
+            dst_ino, dst_seq = _ENTRY.unpack(raw_dst) if raw_dst else (None, 0)
+            tx.load(_k_inode(moved_ino), *([_k_inode(dst_ino)] if dst_ino else []))
+            moved = tx.inode(moved_ino)
+            target = tx.inode(dst_ino) if dst_ino else None
             if moved.is_dir and self._is_ancestor(tx, moved.ino, new_parent):
                 raise errors.Invalid("cannot move a directory into itself")
             if exchange:
@@ -443,8 +761,8 @@ class MetaStore:
                     raise errors.NotFound(new_name.decode(errors="replace"))
                 if target.is_dir and self._is_ancestor(tx, target.ino, old_parent):
                     raise errors.Invalid("cannot move a directory into itself")
-                tx.set_entry(old_parent, old_name, target.ino)
-                tx.set_entry(new_parent, new_name, moved.ino)
+                tx.set_entry(old_parent, old_name, target.ino, src_seq)
+                tx.set_entry(new_parent, new_name, moved.ino, dst_seq)
                 if moved.is_dir != target.is_dir and old_parent != new_parent:
                     shift = 1 if moved.is_dir else -1
                     src_dir.nlink -= shift
@@ -467,14 +785,14 @@ class MetaStore:
                 if target.is_dir:
                     if not moved.is_dir:
                         raise errors.IsDirectory(new_name.decode(errors="replace"))
-                    if next(t.scan(b"e" + _u64(target.ino)), None) is not None:
+                    if not tx.is_empty_dir(target.ino):
                         raise errors.NotEmpty(new_name.decode(errors="replace"))
                     dst_dir.nlink -= 1
-                tx.set_entry(new_parent, new_name, moved.ino)
+                tx.set_entry(new_parent, new_name, moved.ino, dst_seq)
                 tx.drop_link(target)
             else:
                 tx.add_entry(dst_dir, new_name, moved.ino)
-            tx.remove_entry(old_parent, old_name)
+            tx.remove_entry(old_parent, old_name, src_seq)
             if moved.is_dir and old_parent != new_parent:
                 src_dir.nlink -= 1
                 dst_dir.nlink += 1
@@ -485,12 +803,13 @@ class MetaStore:
             tx.save(moved, src_dir, dst_dir, *([target] if target else []))
             return target
 
+        return self._write(body)
+
     def setattr(
         self, ino: int, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
         atime_ns: int | None = None, mtime_ns: int | None = None, ctime_ns: int | None = None,
     ) -> Inode:
-        with self.kv.write() as t:
-            tx = _Tx(t)
+        def body(tx: _Tx) -> Inode:
             inode = tx.inode(ino)
             if mode is not None:
                 inode.mode = stat.S_IFMT(inode.mode) | stat.S_IMODE(mode)
@@ -499,8 +818,13 @@ class MetaStore:
                     inode.uid = uid
                 if gid is not None:
                     inode.gid = gid
-                if not inode.is_dir:  # chown clears set-id bits, as on local filesystems
-                    inode.mode &= ~(stat.S_ISUID | stat.S_ISGID)
+                if not inode.is_dir:
+                    # As Linux does: chown clears set-user-ID, and set-group-ID
+                    # only with group-execute (without it, S_ISGID marks
+                    # mandatory locking and stays).
+                    inode.mode &= ~stat.S_ISUID
+                    if inode.mode & stat.S_IXGRP:
+                        inode.mode &= ~stat.S_ISGID
             if atime_ns is not None:
                 inode.atime_ns = atime_ns
             if mtime_ns is not None:
@@ -509,32 +833,40 @@ class MetaStore:
             tx.save(inode)
             return inode
 
+        return self._write(body)
+
     # ---- xattrs -------------------------------------------------------------
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         if not name or len(name) > NAME_MAX:
             raise errors.RangeError("xattr name length")
         if len(value) > 65536:
             raise errors.FileTooBig("xattr value larger than 64 KiB")
-        with self.kv.write() as t:
-            tx = _Tx(t)
+
+        def body(tx: _Tx) -> None:
+            found = tx.load(_k_inode(ino), _k_xattr(ino, name))
             inode = tx.inode(ino)
-            exists = t.get(_k_xattr(ino, name)) is not None
+            exists = _k_xattr(ino, name) in found
             if flags & XATTR_CREATE and exists:
                 raise errors.Exists(name.decode(errors="replace"))
             if flags & XATTR_REPLACE and not exists:
                 raise errors.NoAttr(name.decode(errors="replace"))
-            t.put(_k_xattr(ino, name), value)
+            tx.t.put(_k_xattr(ino, name), value)
             tx.touch(inode, mtime=False)
             tx.save(inode)
 
+        self._write(body)
+
     def removexattr(self, ino: int, name: bytes) -> None:
-        with self.kv.write() as t:
-            tx = _Tx(t)
+        def body(tx: _Tx) -> None:
+            found = tx.load(_k_inode(ino), _k_xattr(ino, name))
             inode = tx.inode(ino)
-            if not t.delete(_k_xattr(ino, name)):
+            if _k_xattr(ino, name) not in found:
                 raise errors.NoAttr(name.decode(errors="replace"))
+            tx.t.delete(_k_xattr(ino, name))
             tx.touch(inode, mtime=False)
             tx.save(inode)
+
+        self._write(body)
 
     # ---- content ------------------------------------------------------------
     def commit_content(
@@ -543,45 +875,58 @@ class MetaStore:
     ) -> list[str]:
         """Point chunk indexes at new chunks (None = hole), drop chunks from
         index `drop_from` (a truncation) and past `size`, set size and times.
-        Returns chunk ids that are new to this store and were queued for
-        upload in the same transaction."""
-        new_chunks = []
-        with self.kv.write() as t:
-            tx = _Tx(t)
+        Returns the chunk ids this node now owes an upload for (recorded as
+        pending in the same transaction)."""
+
+        def body(tx: _Tx) -> list[str]:
+            t = tx.t
             inode = tx.inode(ino)
             end_index = (size + CHUNK_SIZE_BYTES - 1) // CHUNK_SIZE_BYTES
             first_dropped = end_index if drop_from is None else min(end_index, drop_from)
             prefix = b"c" + _u64(ino)
-            for key, value in list(t.scan(prefix, prefix + _u64(first_dropped))):
+            dropped = list(t.scan(prefix, prefix + _u64(first_dropped)))
+            wanted = {i: r for i, r in changes.items() if i < end_index or r is None}
+            old = t.get_many(_k_chunk(ino, i) for i in wanted if i < first_dropped)
+            for key, value in dropped:
+                old.setdefault(key, value)
+            tx.load_refs(
+                [v[:32] for v in old.values()]
+                + [bytes.fromhex(r.chunk_id) for r in wanted.values() if r is not None]
+            )
+            for key, value in dropped:
                 t.delete(key)
                 tx.decref(value[:32])
-            for index in sorted(changes):
-                ref = changes[index]
-                if index >= end_index and ref is not None:
-                    continue
+            for index in sorted(wanted):
+                ref = wanted[index]
                 key = _k_chunk(ino, index)
-                old = t.get(key)
+                previous = old.get(key) if index < first_dropped else None
                 new_raw = bytes.fromhex(ref.chunk_id) if ref else None
-                if old is not None and old[:32] == new_raw:
+                if previous is not None and previous[:32] == new_raw:
                     continue
-                if old is not None:
-                    tx.decref(old[:32])
+                if previous is not None:
+                    tx.decref(previous[:32])
                 if ref is None:
                     t.delete(key)
                     continue
                 t.put(key, _CHUNK.pack(new_raw, ref.length))
-                if tx.incref(new_raw, ref.length):
-                    new_chunks.append(ref.chunk_id)
+                tx.incref(new_raw, ref.length)
             inode.size = size
             inode.mtime_ns = mtime_ns if mtime_ns is not None else tx.now
             inode.ctime_ns = tx.now
             tx.save(inode)
-        return new_chunks
+            return list(dict.fromkeys(tx.to_upload))
 
-    def delete_inode(self, ino: int) -> bool:
-        """Free an inode whose last name is gone and that nothing holds open."""
-        with self.kv.write() as t:
-            raw = t.get(_k_inode(ino))
+        return self._write(body)
+
+    def delete_inode(self, ino: int, min_orphan_age_ns: int = 0) -> bool:
+        """Free an inode whose last name is gone and that no node holds open
+        (this node's own handles are the caller's to check), once it has been
+        an orphan for `min_orphan_age_ns`. Returns whether it was freed."""
+
+        def body(tx: _Tx) -> bool:
+            t = tx.t
+            found = t.get_many([_k_inode(ino), b"o" + _u64(ino)])
+            raw = found.get(_k_inode(ino))
             if raw is None:
                 t.delete(b"o" + _u64(ino))
                 return False
@@ -589,34 +934,125 @@ class MetaStore:
             if inode.nlink > 0:
                 t.delete(b"o" + _u64(ino))
                 return False
-            tx = _Tx(t)
+            orphaned = _time(found.get(b"o" + _u64(ino)))
+            if min_orphan_age_ns and orphaned and tx.now - orphaned < min_orphan_age_ns:
+                return False
+            for key, _ in t.scan(b"O" + _u64(ino)):
+                if _U64.unpack(key[9:])[0] != self.node_id:
+                    return False  # open on another node: its last close or expiry frees it
             prefix = b"c" + _u64(ino)
-            for key, value in list(t.scan(prefix)):
+            contents = list(t.scan(prefix))
+            tx.load_refs(value[:32] for _, value in contents)
+            for key, value in contents:
                 t.delete(key)
                 tx.decref(value[:32])
             for key, _ in list(t.scan(b"x" + _u64(ino))):
                 t.delete(key)
+            t.delete(_k_open(ino, self.node_id))
             t.delete(b"l" + _u64(ino))
             t.delete(b"o" + _u64(ino))
             t.delete(_k_inode(ino))
-            t.incr(b"#inodes", -1)
             return True
+
+        freed = self._write(body)
+        if freed:
+            self.add_inode_delta(-1)
+        return freed
 
     # ---- upload and garbage bookkeeping ------------------------------------------
-    def mark_uploaded(self, chunk_ids: Iterable[str]) -> None:
-        with self.kv.write() as t:
-            for chunk_id in chunk_ids:
-                t.delete(b"u" + bytes.fromhex(chunk_id))
-
-    def drop_chunk_if_unreferenced(self, chunk_id: str) -> bool:
-        """Forget a chunk whose refcount is zero. True means the caller may
-        delete its bytes; False means a file references it again."""
+    def mark_uploaded(self, chunk_id: str, token: bytes | None) -> str:
+        """Record that the store has this chunk, if what this node saw before
+        uploading (`token`) still holds: UPLOAD_DONE, or UPLOAD_RETRY when the
+        chunk is being deleted or was re-queued meanwhile (upload again)."""
         raw_id = bytes.fromhex(chunk_id)
-        with self.kv.write() as t:
-            t.delete(b"g" + raw_id)
-            raw = t.get(b"r" + raw_id)
-            if raw is not None and _REF.unpack(raw)[0] > 0:
+
+        def body(tx: _Tx) -> str:
+            t = tx.t
+            found = t.get_many([b"r" + raw_id, _k_pending(self.node_id, raw_id)])
+            raw = found.get(b"r" + raw_id)
+            record = ChunkRecord.unpack(raw) if raw else None
+            if record is not None and record.flags & DELETING:
+                return UPLOAD_RETRY
+            current = found.get(_k_pending(self.node_id, raw_id))
+            if current is None:
+                return UPLOAD_DONE  # another node uploaded it, or it was collected
+            if token is not None and current != token:
+                return UPLOAD_RETRY
+            tx.clear_pending(raw_id)
+            if record is not None:
+                record.flags &= ~PENDING
+                t.put(b"r" + raw_id, record.pack())
+            return UPLOAD_DONE
+
+        return self._write(body)
+
+    def begin_delete(self, chunk_id: str, grace_ns: int = 0) -> bool:
+        """Claim an unreferenced chunk for deletion from the store: True means
+        delete the object now, then call `finish_delete`."""
+        raw_id = bytes.fromhex(chunk_id)
+
+        def body(tx: _Tx) -> bool:
+            t = tx.t
+            found = t.get_many([b"r" + raw_id, b"g" + raw_id])
+            since = _time(found.get(b"g" + raw_id))
+            raw = found.get(b"r" + raw_id)
+            if raw is None:
+                t.delete(b"g" + raw_id)
                 return False
-            t.delete(b"r" + raw_id)
-            t.delete(b"u" + raw_id)
+            record = ChunkRecord.unpack(raw)
+            if record.flags & DELETING:
+                # Another collector's claim; take it over only if it stalled.
+                if tx.now - since < STALE_DELETION_NS:
+                    return False
+            elif record.refs > 0:
+                t.delete(b"g" + raw_id)
+                return False
+            elif b"g" + raw_id not in found or tx.now - since < grace_ns:
+                return False
+            record.flags |= DELETING
+            t.put(b"r" + raw_id, record.pack())
+            t.put(b"g" + raw_id, _u64(tx.now))
             return True
+
+        return self._write(body)
+
+    def finish_delete(self, chunk_id: str) -> bool:
+        """The object is gone from the store. Forget the chunk, unless a commit
+        rescued it meanwhile: then its pending uploads start over. Returns
+        whether the chunk is forgotten."""
+        raw_id = bytes.fromhex(chunk_id)
+
+        def body(tx: _Tx) -> bool:
+            t = tx.t
+            raw = t.get(b"r" + raw_id)
+            t.delete(b"g" + raw_id)
+            if raw is None:
+                return True
+            record = ChunkRecord.unpack(raw)
+            if record.refs == 0:
+                t.delete(b"r" + raw_id)
+                tx.clear_pending(raw_id)
+                return True
+            record.flags = (record.flags & ~DELETING) | PENDING
+            t.put(b"r" + raw_id, record.pack())
+            for node in tx.holders(raw_id):  # new tokens: uploads that saw the old object redo it
+                t.put(_k_pending(node, raw_id), _u64(tx.now))
+            return False
+
+        return self._write(body)
+
+
+def _migrate_single_node(t: Txn) -> None:
+    """A state dir from before volumes and nodes: pending uploads become node
+    1's, the inode count becomes a per-node counter."""
+    for key, value in list(t.scan(b"u")):
+        if len(key) == 33:
+            t.delete(key)
+            t.put(_k_pending(1, key[1:]), value)
+            t.put(_k_holder(key[1:], 1), b"")
+    count = t.get(b"#inodes")
+    if count is not None and len(count) == 8:
+        t.delete(b"#inodes")
+        t.put(_k_count(0), count)
+    if t.get(b"#node") is None:
+        t.incr(b"#node")
