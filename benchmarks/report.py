@@ -60,20 +60,36 @@ def ordered(rows: list[Row]) -> list[Row]:
     return sorted(rows, key=lambda r: (position[r.workload], TARGET_ORDER.index(r.target)))
 
 
+def engine_title(meta: dict) -> str:
+    """`full mode`, or `full mode, PostgreSQL metadata`: for titles."""
+    return f"{meta['mode']} mode" + (", PostgreSQL metadata" if meta.get("meta_engine") == "postgres" else "")
+
+
+def engine_text(meta: dict) -> str:
+    """Where each target keeps its metadata (results.json from before `--meta` has no engine: the embedded ones)."""
+    if meta.get("meta_engine") == "postgres":
+        return ("Metadata engine: **PostgreSQL**, one server on 127.0.0.1 with its durable defaults (fsync, "
+                "synchronous commit, full-page writes), a database each: datafs `--meta postgresql://...`, "
+                "JuiceFS `postgres://...`; every metadata operation is a round trip to it.")
+    return "Metadata engine: **embedded**: datafs's LMDB in its state dir; JuiceFS's SQLite file in its dir."
+
+
 def markdown(rows: list[Row], meta: dict) -> str:
     sizes = Sizes(**meta["sizes"])
     versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)
     machine = meta["machine"]
     lines = [
-        f"# datafs benchmarks: {meta['mode']} mode",
+        f"# datafs benchmarks: {engine_title(meta)}",
         "",
         f"{meta['started_at']}; {machine['cpus']} CPUs, {machine['memory_gib']:.1f} GiB RAM, {machine['kernel']}; "
         f"{versions}; the run took {meta['duration_seconds'] / 60:.1f} min.",
         "",
         f"Sizes: {sizes.describe()}.",
         "",
+        engine_text(meta),
+        "",
         "Targets: **disk** is a plain directory on the same filesystem as the caches (the physical limit of this "
-        "machine); **datafs** and **juicefs** (`--writeback`, SQLite metadata, local cache dir) store their data "
+        "machine); **datafs** and **juicefs** (`--writeback`, local cache dir) store their data "
         "in the same SeaweedFS S3 server on 127.0.0.1; **s3-ceiling** is boto3 against that server with nothing "
         "in between.",
         "",
@@ -137,7 +153,7 @@ def charts(out_dir: Path, rows: list[Row], meta: dict) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    title = f"datafs benchmarks ({meta['mode']} mode)"
+    title = f"datafs benchmarks ({engine_title(meta)})"
     paths = []
 
     bar_charts = (

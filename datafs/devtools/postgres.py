@@ -124,6 +124,15 @@ def _searchable_by(path: Path, account: pwd.struct_passwd) -> bool:
     return True
 
 
+def check_parent_dir(parent_dir: Path) -> None:
+    """Raise PostgresError unless the server's account can reach a temp dir made in `parent_dir`."""
+    account = _server_account()
+    if account is not None and not _searchable_by(Path(parent_dir).resolve(), account):
+        raise PostgresError(
+            f"the `{account.pw_name}` user cannot enter {parent_dir}: "
+            f"start the PostgreSQL server under a world-searchable dir such as /tmp or /var/tmp")
+
+
 def _port_free(port: int) -> bool:
     # SO_REUSEADDR, as PostgreSQL binds, so a port in TIME_WAIT counts as free.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -325,10 +334,7 @@ class PostgresServer:
 
     def _init(self, bindir: Path, account) -> None:
         """A new temp dir, owned by the server's account, holding a fresh cluster."""
-        if account is not None and not _searchable_by(self.parent_dir, account):
-            raise PostgresError(
-                f"the `{account.pw_name}` user cannot enter {self.parent_dir}: "
-                f"start the PostgreSQL server under a world-searchable dir such as /tmp or /var/tmp")
+        check_parent_dir(self.parent_dir)
         self.workdir = Path(tempfile.mkdtemp(prefix=f"datafs-pg-{self.port}-", dir=self.parent_dir))
         # No server yet, but the dir must go whatever happens next.
         self._finalizer = weakref.finalize(self, _cleanup, None, self.workdir, 0)
