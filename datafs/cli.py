@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -228,13 +227,19 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 
 # ---- status and sync ---------------------------------------------------------------------
-def _open_meta(info: mounts.MountInfo):
-    """The daemon's metadata, opened read-only (LMDB allows readers beside the writer)."""
-    from .meta.lmdb_kv import LmdbKV
-    from .meta.store import MetaStore
+def _control(info: mounts.MountInfo, method: str, url: str, body: dict | None = None, timeout: float | None = 10.0) -> dict:
+    """Ask the mount's daemon through its control socket; one clear line if it is gone."""
+    from .control import ControlError, ControlUnavailable, request
+    from .daemon import control_path
 
     assert info.state_dir is not None
-    return MetaStore(LmdbKV(str(info.state_dir / "meta"), readonly=True))
+    try:
+        return request(control_path(info.state_dir), method, url, body, timeout=timeout)
+    except ControlUnavailable:
+        raise UsageError(f"the datafs daemon of {info.mountpoint} is not running (state dir {info.state_dir}); "
+                         f"unmount with 'datafs umount {info.mountpoint}' and mount again") from None
+    except ControlError as exc:
+        raise UsageError(f"the daemon refused {url}: {exc}") from None
 
 
 def _format_bytes(n: float) -> str:
@@ -246,96 +251,73 @@ def _format_bytes(n: float) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    import json
-
-    from .daemon import read_daemon_pid, status_path
-
     info = _datafs_mount(args.mountpoint)
-    meta = _open_meta(info)
-    try:
-        pending = meta.pending_uploads()
-        counts = meta.counts()
-    finally:
-        meta.kv.close()
-    pid = read_daemon_pid(info.state_dir)
-    live = {}
-    try:
-        live = json.loads(status_path(info.state_dir).read_text())
-    except (OSError, ValueError):
-        pass
-    now_ns = time.time_ns()
-    oldest = max(((now_ns - p[2]) / 1e9 for p in pending), default=0.0)
+    st = _control(info, "GET", "/status")
     print(f"mountpoint:       {info.mountpoint}")
     print(f"state dir:        {info.state_dir}")
-    print(f"daemon:           {'running' if pid and mounts.pid_alive(pid) else 'not running'}" + (f" (pid {pid})" if pid else ""))
-    print(f"inodes:           {counts['inodes']}")
-    print(f"pending uploads:  {len(pending)} chunks, {_format_bytes(sum(p[1] for p in pending))}, oldest {oldest:.1f} s")
-    if live:
-        print(f"upload rate:      {_format_bytes(live.get('upload_bytes_per_second', 0))}/s")
-        print(f"failing uploads:  {live.get('failing_chunks', 0)}")
-        for chunk, error in live.get("failing_sample", {}).items():
-            print(f"  {chunk[:16]}...: {error}")
-        print(f"local cache:      {_format_bytes(live.get('cache_bytes', 0))}")
+    print(f"daemon:           running (pid {st['pid']})")
+    print(f"metadata:         {st['meta']}" + (f", volume {st['volume']}, node {st['node']}" if st.get("shared") else ""))
+    print(f"object store:     {st['store']}")
+    print(f"inodes:           {st['inodes']}")
+    print(f"pending uploads:  {st['pending_chunks']} chunks, {_format_bytes(st['pending_bytes'])}, oldest {st['pending_oldest_seconds']:.1f} s")
+    print(f"upload rate:      {_format_bytes(st['upload_bytes_per_second'])}/s")
+    print(f"failing uploads:  {st['failing_chunks']}")
+    for chunk, error in st.get("failing_sample", {}).items():
+        print(f"  {chunk[:16]}...: {error}")
+    print(f"local cache:      {_format_bytes(st['cache_bytes'])}")
+    if st.get("shared"):
+        nodes = ", ".join(f"{n} ({host})" if host else n for n, host in st["live_nodes"].items())
+        print(f"live nodes:       {nodes or 'none'}")
+        print(f"chunks at risk:   {st['chunks_at_risk']}" + (" (committed, not uploaded, on nodes that are gone)" if st["chunks_at_risk"] else ""))
+        for item in st.get("at_risk_sample", []):
+            print(f"  {item['chunk'][:16]}... only on node {item['node']}")
     return 0
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    """Wait until the named files (or everything) are in the object store."""
+    """Wait until the named files (or everything this node wrote) are in the object store."""
     from tqdm import tqdm
 
     info = _datafs_mount(args.mountpoint)
-    wanted: set[str] | None = None
+    body: dict = {"inodes": None}
     if args.paths:
-        meta = _open_meta(info)
-        wanted = set()
-        try:
-            for path in args.paths:
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except OSError as exc:
-                    raise UsageError(f"{path}: {exc.strerror}") from None
-                try:
-                    st = os.fstat(fd)
-                    if st.st_dev != os.stat(info.mountpoint).st_dev:
-                        raise UsageError(f"{path} is not on the datafs mount {info.mountpoint}")
-                    os.fsync(fd)  # commit anything still buffered for this file
-                finally:
-                    os.close(fd)
-                ino = st.st_ino
-                wanted |= {ref.chunk_id for ref in meta.chunks(ino, 0, 1 << 62).values()}
-        finally:
-            meta.kv.close()
-    from .daemon import read_daemon_pid
-
-    pid = read_daemon_pid(info.state_dir)
+        inodes = []
+        mount_dev = os.stat(info.mountpoint).st_dev
+        for path in args.paths:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                raise UsageError(f"{path}: {exc.strerror}") from None
+            try:
+                st = os.fstat(fd)
+                if st.st_dev != mount_dev:
+                    raise UsageError(f"{path} is not on the datafs mount {info.mountpoint}")
+                os.fsync(fd)  # commit anything still buffered for this file
+            finally:
+                os.close(fd)
+            inodes.append(st.st_ino)
+        body = {"inodes": inodes}
     deadline = time.monotonic() + args.timeout
     progress = None
     next_kick = 0.0
     while True:
-        if pid and time.monotonic() >= next_kick:
+        if time.monotonic() >= next_kick:
             # Ask the daemon to retry failing uploads now rather than after its backoff.
-            try:
-                os.kill(pid, signal.SIGUSR1)
-            except OSError:
-                pass
+            _control(info, "POST", "/retry")
             next_kick = time.monotonic() + 5.0
-        meta = _open_meta(info)
-        try:
-            pending = [p for p in meta.pending_uploads() if wanted is None or p[0] in wanted]
-        finally:
-            meta.kv.close()
-        left = sum(p[1] for p in pending)
+        pending = _control(info, "POST", "/pending", body)
+        left = pending["bytes"]
         if progress is None:
             progress = tqdm(total=left, unit="B", unit_scale=True, unit_divisor=1024, desc="sync",
                             disable=not sys.stderr.isatty(), file=sys.stderr)
         progress.n = progress.total - left
         progress.refresh()
-        if not pending:
+        if not pending["chunks"]:
             progress.close()
             return 0
         if time.monotonic() > deadline:
             progress.close()
-            raise UsageError(f"{len(pending)} chunks ({_format_bytes(left)}) still pending after {args.timeout:.0f} s; see 'datafs status {info.mountpoint}'")
+            raise UsageError(f"{pending['chunks']} chunks ({_format_bytes(left)}) still pending after {args.timeout:.0f} s; see 'datafs status {info.mountpoint}'")
         time.sleep(0.2)
 
 

@@ -33,6 +33,7 @@ import pyfuse3
 import trio
 
 from . import mounts
+from .control import ControlError, ControlServer
 from .chunks.cache import FD_CACHE_SIZE, ChunkCache
 from .chunks.content import ContentService
 from .config import CHUNK_SIZE_BYTES, Settings
@@ -58,10 +59,6 @@ def lock_path(state_dir: Path) -> Path:
     return state_dir / "daemon.lock"
 
 
-def status_path(state_dir: Path) -> Path:
-    return state_dir / "status.json"
-
-
 def daemon_running(state_dir: Path) -> bool:
     """Whether a daemon holds this state dir's lock (robust to pid reuse)."""
     try:
@@ -75,6 +72,10 @@ def daemon_running(state_dir: Path) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+def control_path(state_dir: Path) -> Path:
+    return state_dir / "control.sock"
 
 
 def node_path(state_dir: Path) -> Path:
@@ -105,6 +106,7 @@ class Daemon:
         self.kv: KV | None = None
         self.mounted = False
         self.volume: dict = {}
+        self._upload_rate = 0.0
 
     # ---- blocking preparation (before trio starts) ---------------------------------
     def acquire_lock(self) -> None:
@@ -303,7 +305,8 @@ class Daemon:
             nursery.start_soon(self._on_signals)
             nursery.start_soon(self._sync_periodically)
             nursery.start_soon(self._tune_readahead)
-            nursery.start_soon(self._write_status_periodically)
+            nursery.start_soon(self._measure_upload_rate)
+            await nursery.start(ControlServer(control_path(self.settings.state_dir), self._control_routes()).run)
             log.info("mounted", extra={
                 "mountpoint": str(self.settings.mountpoint), "store": self.store.describe(),
                 "meta": self.kv.describe(), "volume": self.volume.get("name"), "node": self.meta.node_id,
@@ -322,6 +325,66 @@ class Daemon:
                 log.warning("could not close the session cleanly; it expires by itself", extra={"error": str(exc)})
             nursery.cancel_scope.cancel()
 
+    # ---- the control endpoint (datafs status, sync) ----------------------------------
+    def _control_routes(self) -> dict:
+        return {
+            ("GET", "/status"): self._control_status,
+            ("POST", "/pending"): self._control_pending,
+            ("POST", "/retry"): self._control_retry,
+        }
+
+    async def _control_status(self, query: dict, body: dict | None) -> dict:
+        """Everything `datafs status` shows, from this daemon's own state."""
+        pending = await self.calls.in_thread(self.meta.pending_uploads)
+        counts = await self.calls(self.meta.counts)
+        now_ns = time.time_ns()
+        snapshot = self.uploader.snapshot()
+        return {
+            "pid": os.getpid(),
+            "mountpoint": str(self.settings.mountpoint),
+            "state_dir": str(self.settings.state_dir),
+            "meta": self.kv.describe(),
+            "volume": self.volume.get("name"),
+            "volume_uuid": self.volume.get("uuid"),
+            "store": self.store.describe(),
+            "node": self.meta.node_id,
+            "inodes": counts["inodes"],
+            "pending_chunks": len(pending),
+            "pending_bytes": sum(p[1] for p in pending),
+            "pending_oldest_seconds": max(((now_ns - p[2]) / 1e9 for p in pending), default=0.0),
+            "failing_chunks": snapshot["failing_chunks"],
+            "failing_sample": snapshot["failing_sample"],
+            "upload_bytes_per_second": self._upload_rate,
+            "cache_bytes": self.cache.size_bytes,
+            "shared": self.meta.shared,
+            "live_nodes": {str(n): r.get("host", "") for n, r in sorted(self.sessions.live.items())},
+            "chunks_at_risk": len(self.sessions.at_risk),
+            "at_risk_sample": [{"node": n, "chunk": c} for n, c in self.sessions.at_risk[:5]],
+        }
+
+    async def _control_pending(self, query: dict, body: dict | None) -> dict:
+        """Chunks not yet in the object store: this node's, or (with `inodes`)
+        those of the named files, wherever in the fleet they are pending."""
+        inodes = (body or {}).get("inodes")
+        if inodes is None:
+            pending = await self.calls.in_thread(self.meta.pending_uploads)
+            return {"chunks": len(pending), "bytes": sum(p[1] for p in pending), "failing": len(self.uploader.failing)}
+        if not isinstance(inodes, list) or not all(isinstance(i, int) for i in inodes):
+            raise ControlError(400, "inodes must be a list of inode numbers")
+        wanted: dict[str, int] = {}
+        for ino in inodes:
+            for ref in (await self.calls(self.meta.chunks, ino)).values():
+                wanted[ref.chunk_id] = ref.length
+        pending = {chunk for _, chunk, _ in await self.calls.in_thread(self.meta.all_pending)} & set(wanted)
+        return {
+            "chunks": len(pending), "bytes": sum(wanted[c] for c in pending),
+            "failing": len(pending & set(self.uploader.failing)),
+        }
+
+    async def _control_retry(self, query: dict, body: dict | None) -> dict:
+        self.uploader.retry_now()
+        return {}
+
     async def _on_signals(self) -> None:
         """SIGTERM/SIGINT unmount cleanly; SIGUSR1 retries failing uploads now."""
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
@@ -338,29 +401,14 @@ class Daemon:
             await trio.sleep(META_SYNC_INTERVAL_SECONDS)
             await self.calls.in_thread(self.meta.sync)
 
-    async def _write_status_periodically(self) -> None:
-        """Publish live numbers (upload throughput, failing chunks) for `datafs status`."""
-        path = status_path(self.settings.state_dir)
+    async def _measure_upload_rate(self) -> None:
+        """Upload throughput over the last interval, for `datafs status`."""
         last_bytes, last_time = self.uploader.uploaded_bytes, time.monotonic()
         while True:
             await trio.sleep(STATUS_INTERVAL_SECONDS)
             now = time.monotonic()
-            snapshot = self.uploader.snapshot()
-            snapshot["upload_bytes_per_second"] = (snapshot["uploaded_bytes"] - last_bytes) / (now - last_time)
-            snapshot["cache_bytes"] = self.cache.size_bytes
-            snapshot["written_at"] = time.time()
-            snapshot["meta"] = self.kv.describe()
-            snapshot["volume"] = self.volume.get("name")
-            snapshot["node"] = self.meta.node_id
-            snapshot["live_nodes"] = sorted(self.sessions.live)
-            snapshot["chunks_at_risk"] = len(self.sessions.at_risk)
-            snapshot["at_risk_sample"] = [
-                {"node": node, "chunk": chunk} for node, chunk in self.sessions.at_risk[:5]
-            ]
-            last_bytes, last_time = snapshot["uploaded_bytes"], now
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(snapshot))
-            tmp.rename(path)
+            self._upload_rate = (self.uploader.uploaded_bytes - last_bytes) / (now - last_time)
+            last_bytes, last_time = self.uploader.uploaded_bytes, now
 
     def close(self) -> None:
         if self.mounted:

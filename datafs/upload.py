@@ -126,7 +126,8 @@ class Uploader:
             await self._progress.wait()
 
     def retry_now(self) -> None:
-        """Cut every backoff short (SIGUSR1, sent by `datafs sync`): the
+        """Cut every backoff short (`datafs sync` asks through the control
+        endpoint; SIGUSR1 does the same): the
         operator says the store is reachable again."""
         self._retry_now.set()
         self._retry_now = trio.Event()
