@@ -262,12 +262,6 @@ def _command_lines() -> list[str]:
     return lines
 
 
-def _datafs_takes_meta() -> bool:
-    result = subprocess.run([sys.executable, "-m", "datafs", "mount", "--help"], capture_output=True, text=True,
-                            cwd=REPO, timeout=60)
-    return "--meta" in result.stdout
-
-
 def test_tiny_run_with_postgres_metadata(tmp_path):
     out = tmp_path / "out"
     # Not under tmp_path: the PostgreSQL server runs as the postgres user, who
@@ -298,13 +292,6 @@ def test_tiny_run_with_postgres_metadata(tmp_path):
     assert passwords_seen == [], "a PostgreSQL password was on a command line"
     progress = result.stderr.splitlines()
     assert any("postgresql: start the metadata server on 127.0.0.1:18709 (durable)" in line for line in progress)
-
-    if not _datafs_takes_meta():
-        # Until `datafs mount --meta` exists the run stops at datafs's mount,
-        # with one line, and must still have cleaned everything up (checked above).
-        assert result.returncode == 1 and "datafs mount failed" in result.stderr, result.stderr[-3000:]
-        pytest.xfail("datafs mount has no --meta option yet")
-
     assert result.returncode == 0, result.stderr[-3000:]
     document = json.loads((out / "results.json").read_text())
     assert document["meta"]["meta_engine"] == "postgres"
