@@ -104,6 +104,7 @@ class Daemon:
         self.settings = settings
         self._lock_fd: int | None = None
         self.kv: KV | None = None
+        self.store = None
         self.mounted = False
         self.volume: dict = {}
         self._upload_rate = 0.0
@@ -148,13 +149,16 @@ class Daemon:
         )
 
     def _open_volume(self) -> None:
-        """Create the volume at its first mount, or check this mount against it."""
+        """Open the object store, creating the volume at its first mount (only
+        once the store answers, so a typo is never recorded), or check this
+        mount against the volume's record."""
         s = self.settings
         record = self.meta.volume()
         if record is None:
             if s.shared_meta and not s.store:
                 raise UsageError(f"volume {s.volume!r} does not exist yet in {self.kv.describe()}: "
                                  "the first mount must give --store (s3://BUCKET/PREFIX)")
+            self._open_store(s.store_url, s.s3_endpoint, s.s3_region)
             record = self.meta.init_volume({
                 "name": s.volume, "uuid": str(uuid.uuid4()), "store": s.store_url,
                 "s3_endpoint": s.s3_endpoint, "s3_region": s.s3_region,
@@ -166,6 +170,15 @@ class Daemon:
             raise UsageError(f"volume {record.get('name')!r} keeps its chunks in {record['store']}, not {s.store}: "
                              "leave out --store (later nodes need only --meta)")
         self.volume = record
+        if self.store is None:
+            self._open_store(
+                record.get("store") or s.store_url,
+                s.s3_endpoint or record.get("s3_endpoint", ""), s.s3_region or record.get("s3_region", ""),
+            )
+
+    def _open_store(self, url: str, endpoint: str, region: str) -> None:
+        self.store = open_store(url, s3_endpoint=endpoint, s3_region=region)
+        self.store.check()
 
     def _node_identity(self) -> int:
         """This node's id in the volume, kept in the state dir so that a restart
@@ -203,12 +216,7 @@ class Daemon:
             remote=self.kv.remote, concurrency=s.meta_concurrency if self.kv.remote else 1,
             timeout_seconds=s.meta_timeout_seconds,
         )
-        self.store = open_store(
-            self.volume.get("store") or s.store_url,
-            s3_endpoint=s.s3_endpoint or self.volume.get("s3_endpoint", ""),
-            s3_region=s.s3_region or self.volume.get("s3_region", ""),
-        )
-        self.store.check()
+
         cache_dir = s.effective_cache_dir
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)

@@ -178,6 +178,8 @@ class Operations(pyfuse3.Operations):
         self.contents: dict[int, FileContent] = {}
         self.handles: dict[int, _Handle] = {}
         self.dir_handles: dict[int, _DirHandle] = {}
+        # The last inode record read for each inode open on this node.
+        self.open_inodes: dict[int, Inode] = {}
         self._fh = itertools.count(1)
         # (size, mtime) of each inode as this node last opened or wrote it.
         self.seen: collections.OrderedDict[int, tuple[int, int]] = collections.OrderedDict()
@@ -281,7 +283,19 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_op
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._attrs(await self._m(self.meta.get_inode, inode))
+        try:
+            node = await self._m(self.meta.get_inode, inode)
+        except errors.MetaUnavailable:
+            # The kernel revalidates attributes while reading an open file:
+            # answer from what this node knows, so cached reads go on while
+            # the engine is away.
+            node = self.open_inodes.get(inode)
+            if node is None:
+                raise
+            return self._attrs(node)
+        if inode in self.open_inodes:
+            self.open_inodes[inode] = node
+        return self._attrs(node)
 
     @_fuse_op
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -421,6 +435,7 @@ class Operations(pyfuse3.Operations):
         fh = next(self._fh)
         self.handles[fh] = _Handle(inode.ino, self._content(inode))
         self.open_count[inode.ino] += 1
+        self.open_inodes[inode.ino] = inode
         # Every change made on this node passes through this kernel, so its
         # page cache is stale only if another node changed the file.
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
@@ -493,6 +508,7 @@ class Operations(pyfuse3.Operations):
             self.open_count[handle.ino] -= 1
             if self.open_count[handle.ino] <= 0:
                 del self.open_count[handle.ino]
+                self.open_inodes.pop(handle.ino, None)
                 if not handle.content.dirty:
                     self.contents.pop(handle.ino, None)
                 try:
