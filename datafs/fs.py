@@ -178,6 +178,18 @@ class Operations(pyfuse3.Operations):
         self.contents: dict[int, FileContent] = {}
         self.handles: dict[int, _Handle] = {}
         self.dir_handles: dict[int, _DirHandle] = {}
+        # Inodes whose last name this node removed, not freed yet: a release
+        # or forget frees them without asking the engine for nlink.
+        self.unlinked: set[int] = set()
+        # Inodes this node created and holds open: they have no xattrs unless
+        # set here, so the kernel's security.capability check on every first
+        # write needs no round trip to the engine.
+        self.fresh: set[int] = set()
+        # Remote engines only: inode records this node read or wrote, kept
+        # for the attribute timeout (what the kernel would cache anyway), so
+        # the getattr the kernel sends for a directory after every create in
+        # it costs no round trip. Never used where freshness matters (open).
+        self.attr_cache: collections.OrderedDict[int, tuple[float, Inode]] = collections.OrderedDict()
         # The last inode record read for each inode open on this node.
         self.open_inodes: dict[int, Inode] = {}
         self._fh = itertools.count(1)
@@ -190,6 +202,29 @@ class Operations(pyfuse3.Operations):
 
     async def _in_thread(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await self.calls.in_thread(fn, *args, **kwargs)
+
+    def _cache(self, *inodes: Inode) -> None:
+        if not self.calls.remote or self.attr_timeout <= 0:
+            return
+        expires = time.monotonic() + self.attr_timeout
+        for inode in inodes:
+            self.attr_cache[inode.ino] = (expires, inode)
+            self.attr_cache.move_to_end(inode.ino)
+        while len(self.attr_cache) > SEEN_INODES_MAX:
+            self.attr_cache.popitem(last=False)
+
+    def _uncache(self, *inos: int) -> None:
+        for ino in inos:
+            self.attr_cache.pop(ino, None)
+
+    async def _inode(self, ino: int) -> Inode:
+        """An inode's attributes, at most the attribute timeout old."""
+        entry = self.attr_cache.get(ino)
+        if entry is not None and entry[0] > time.monotonic():
+            return entry[1]
+        node = await self._m(self.meta.get_inode, ino)
+        self._cache(node)
+        return node
 
     def _remember(self, ino: int, size: int, mtime_ns: int) -> None:
         self.seen[ino] = (size, mtime_ns)
@@ -239,35 +274,32 @@ class Operations(pyfuse3.Operations):
             content = self.contents[inode.ino] = FileContent(self.svc, inode.ino, inode.size)
         return content
 
-    async def _new_gid(self, parent: int, ctx: pyfuse3.RequestContext) -> tuple[int, bool]:
-        """Group of a new inode: the directory's if it is set-group-ID (as on ext4)."""
-        directory = await self._m(self.meta.get_inode, parent)
-        if directory.mode & stat.S_ISGID:
-            return directory.gid, True
-        return ctx.gid, False
-
     async def _mknode(self, parent: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext, **kwargs: Any) -> Inode:
-        gid, inherit = await self._new_gid(parent, ctx)
-        if inherit and stat.S_ISDIR(mode):
-            mode |= stat.S_ISGID
-        # The kernel has already applied the umask (no FUSE_DONT_MASK without ACLs).
-        return await self._m(self.meta.mknode, parent, name, mode, ctx.uid, gid, **kwargs)
+        # The kernel has already applied the umask (no FUSE_DONT_MASK without
+        # ACLs); the store applies a set-group-ID directory's group.
+        node, directory = await self._m(self.meta.mknode, parent, name, mode, ctx.uid, ctx.gid, with_parent=True, **kwargs)
+        self._cache(node, directory)
+        return node
 
     async def _truncate(self, node: Inode, size_bytes: int) -> FileContent:
         content = self._content(node)
         await content.truncate(size_bytes)
-        await content.commit()
-        self._remember(node.ino, content.size, content.committed_mtime_ns)
+        await self._commit(content)
         return content
 
     async def _maybe_delete(self, ino: int) -> None:
-        """Free an inode once it has no name, no lookup and no open handle."""
+        """Free an inode once it has no name, no lookup and no open handle.
+        On a shared volume only the collector frees, after the grace period."""
         if self.lookups.get(ino, 0) > 0 or self.open_count.get(ino, 0) > 0:
             return
+        self.unlinked.discard(ino)
+        self._uncache(ino)
         content = self.contents.pop(ino, None)
         try:
             if content is not None:
                 await content.discard()
+            if self.orphan_grace_ns:
+                return
             if await self._in_thread(self.meta.delete_inode, ino, self.orphan_grace_ns):
                 self.seen.pop(ino, None)
                 self.on_inode_deleted()
@@ -279,12 +311,19 @@ class Operations(pyfuse3.Operations):
     # ---- lookups and attributes ----------------------------------------------------
     @_fuse_op
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._entry(await self._m(self.meta.lookup, parent_inode, name))
+        node = await self._m(self.meta.lookup, parent_inode, name)
+        self._cache(node)
+        return self._entry(node)
 
     @_fuse_op
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        content = self.contents.get(inode)
+        if inode in self.open_inodes and (inode in self.fresh or (content is not None and content.dirty)):
+            # Created or being written here, and open: this node's view is the
+            # newest (close-to-open), and the kernel asks before every write.
+            return self._attrs(self.open_inodes[inode])
         try:
-            node = await self._m(self.meta.get_inode, inode)
+            node = await self._inode(inode)
         except errors.MetaUnavailable:
             # The kernel revalidates attributes while reading an open file:
             # answer from what this node knows, so cached reads go on while
@@ -326,6 +365,7 @@ class Operations(pyfuse3.Operations):
             changes["ctime_ns"] = attr.st_ctime_ns
         if changes:
             node = await self._m(self.meta.setattr, inode, **changes)
+            self._cache(node)
         elif fields.update_size:
             node = await self._m(self.meta.get_inode, inode)
         return self._attrs(node)
@@ -351,23 +391,31 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_op
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._uncache(inode, new_parent_inode)
         return self._entry(await self._m(self.meta.link, inode, new_parent_inode, new_name))
 
     @_fuse_op
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = await self._m(self.meta.unlink, parent_inode, name)
+        self._uncache(parent_inode, node.ino)
         if node.nlink == 0:
+            self.unlinked.add(node.ino)
             await self._maybe_delete(node.ino)
 
     @_fuse_op
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = await self._m(self.meta.unlink, parent_inode, name, directory=True)
+        self._uncache(parent_inode, node.ino)
+        self.unlinked.add(node.ino)
         await self._maybe_delete(node.ino)
 
     @_fuse_op
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        self._uncache(parent_inode_old, parent_inode_new)
         replaced = await self._m(self.meta.rename, parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        self.attr_cache.clear()  # the moved inode's ctime and parent changed too; renames are rare
         if replaced is not None and replaced.nlink == 0:
+            self.unlinked.add(replaced.ino)
             await self._maybe_delete(replaced.ino)
 
     def forget(self, inode_list: list[tuple[int, int]]) -> None:
@@ -378,16 +426,14 @@ class Operations(pyfuse3.Operations):
                 self.lookups[ino] = left
                 continue
             self.lookups.pop(ino, None)
-            if self.open_count.get(ino, 0) == 0 and self.svc.nursery is not None:
+            if self.open_count.get(ino, 0) == 0 and ino in self.unlinked and self.svc.nursery is not None:
                 self.svc.nursery.start_soon(self._forgotten, ino)
 
     async def _forgotten(self, ino: int) -> None:
         """The kernel dropped its last reference: free the inode if it has no name."""
         try:
-            if (await self._m(self.meta.get_inode, ino)).nlink == 0:
+            if ino in self.unlinked:
                 await self._maybe_delete(ino)
-        except errors.NotFound:
-            pass
         except Exception:
             log.exception("forget failed", extra={"ino": ino})
 
@@ -459,6 +505,7 @@ class Operations(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         node = await self._mknode(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
         self._remember(node.ino, node.size, node.mtime_ns)
+        self.fresh.add(node.ino)
         return self._open_handle(node), self._entry(node)
 
     def _handle(self, fh: int) -> _Handle:
@@ -487,6 +534,10 @@ class Operations(pyfuse3.Operations):
     async def _commit(self, content: FileContent) -> None:
         if await content.commit():
             self._remember(content.ino, content.size, content.committed_mtime_ns)
+            if content.committed is not None:
+                self._cache(content.committed)
+                if content.ino in self.open_inodes:
+                    self.open_inodes[content.ino] = content.committed
 
     @_fuse_op
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -509,13 +560,11 @@ class Operations(pyfuse3.Operations):
             if self.open_count[handle.ino] <= 0:
                 del self.open_count[handle.ino]
                 self.open_inodes.pop(handle.ino, None)
+                self.fresh.discard(handle.ino)
                 if not handle.content.dirty:
                     self.contents.pop(handle.ino, None)
-                try:
-                    if (await self._m(self.meta.get_inode, handle.ino)).nlink == 0:
-                        await self._maybe_delete(handle.ino)
-                except errors.NotFound:
-                    pass
+                if handle.ino in self.unlinked:
+                    await self._maybe_delete(handle.ino)
 
     # ---- filesystem -----------------------------------------------------------------------
     @_fuse_op
@@ -544,10 +593,14 @@ class Operations(pyfuse3.Operations):
     # ---- xattrs ---------------------------------------------------------------------------
     @_fuse_op
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if inode in self.fresh:
+            raise errors.NoAttr(name.decode(errors="replace"))
         return await self._m(self.meta.getxattr, inode, name)
 
     @_fuse_op
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.fresh.discard(inode)
+        self._uncache(inode)
         await self._m(self.meta.setxattr, inode, name, value)
 
     @_fuse_op
@@ -557,6 +610,7 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_op
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._uncache(inode)
         await self._m(self.meta.removexattr, inode, name)
 
     # ---- shutdown -------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
-import signal
 import subprocess
 import threading
 import time

@@ -5,7 +5,6 @@ the deletion protocol that a concurrent commit rescues)."""
 
 from __future__ import annotations
 
-import itertools
 import stat
 
 import pytest
@@ -168,8 +167,8 @@ def test_readdir_offsets_stable_under_deletion(meta):
 def test_refcounts_dedup_pending_and_garbage(meta):
     a = meta.mknode(ROOT_INODE, b"a", FILE, 0, 0)
     b = meta.mknode(ROOT_INODE, b"b", FILE, 0, 0)
-    assert meta.commit_content(a.ino, C + 20, {0: ref(1), 1: ref(2)}) == [ref(1).chunk_id, ref(2).chunk_id]
-    assert meta.commit_content(b.ino, 10, {0: ref(1)}) == []  # dedup: not new, already pending here
+    assert meta.commit_content(a.ino, C + 20, {0: ref(1), 1: ref(2)})[0] == [ref(1).chunk_id, ref(2).chunk_id]
+    assert meta.commit_content(b.ino, 10, {0: ref(1)})[0] == []  # dedup: not new, already pending here
     assert meta.chunk_record(ref(1).chunk_id) == (2, 10)
     assert pending_ids(meta) == {ref(1).chunk_id, ref(2).chunk_id}
     assert upload(meta, ref(1).chunk_id) == "done"
@@ -212,7 +211,7 @@ def test_commit_during_deletion_rescues_the_chunk(meta):
     meta.commit_content(f.ino, 0, {})
     assert deleter.begin_delete(ref(9).chunk_id) is True  # the object is being deleted now
     g = writer.mknode(ROOT_INODE, b"g", FILE, 0, 0)
-    assert writer.commit_content(g.ino, 10, {0: ref(9)}) == [ref(9).chunk_id]
+    assert writer.commit_content(g.ino, 10, {0: ref(9)})[0] == [ref(9).chunk_id]
     token = writer.pending_token(ref(9).chunk_id)
     assert writer.mark_uploaded(ref(9).chunk_id, token) == "retry"  # the deletion may still remove it
     assert deleter.finish_delete(ref(9).chunk_id) is False  # rescued: not forgotten
@@ -226,9 +225,9 @@ def test_pending_uploads_are_per_node_and_cleared_by_the_first_upload(meta):
     a, b = meta, other_node(meta)
     fa = a.mknode(ROOT_INODE, b"fa", FILE, 0, 0)
     fb = b.mknode(ROOT_INODE, b"fb", FILE, 0, 0)
-    assert a.commit_content(fa.ino, 10, {0: ref(3)}) == [ref(3).chunk_id]
+    assert a.commit_content(fa.ino, 10, {0: ref(3)})[0] == [ref(3).chunk_id]
     # B commits the same bytes before A uploads: B keeps a copy pending too.
-    assert b.commit_content(fb.ino, 10, {0: ref(3)}) == [ref(3).chunk_id]
+    assert b.commit_content(fb.ino, 10, {0: ref(3)})[0] == [ref(3).chunk_id]
     assert sorted(a.chunk_holders(ref(3).chunk_id)) == [1, 2]
     assert upload(b, ref(3).chunk_id) == "done"
     assert a.pending_uploads() == [] and b.pending_uploads() == []

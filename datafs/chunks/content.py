@@ -37,7 +37,7 @@ from .. import metrics
 from ..config import CHUNK_SIZE_BYTES as C
 from . import ZERO_CHUNK
 from ..meta.calls import MetaCalls
-from ..meta.store import ChunkRef, MetaStore
+from ..meta.store import ChunkRef, Inode, MetaStore
 from ..tiers.chain import ChunkSource
 
 log = logging.getLogger(__name__)
@@ -45,19 +45,39 @@ log = logging.getLogger(__name__)
 _MISSING = object()
 
 
+#: A buffer whose writes end below this grows to fit them; past it, it takes
+#: the whole chunk at once. A small file's buffer is then its size, not 4 MiB
+#: of zeroed memory (measured: 0.74 ms of a 16 KiB file's 0.9 ms write).
+SMALL_BUFFER_BYTES = 256 << 10
+
+
 class _Buffer:
-    """A chunk being written: `data` holds written bytes, `covered` says where."""
+    """A chunk being written: `data` holds written bytes, `covered` says where.
+    Bytes past the end of `data` are zeros."""
 
     __slots__ = ("data", "covered", "base", "base_len")
 
     def __init__(self, base: ChunkRef | None, base_len: int):
-        self.data = bytearray(C)
+        self.data = bytearray()
         self.covered: list[list[int]] = []  # sorted, disjoint [start, end)
         self.base = base if base_len > 0 else None
         self.base_len = base_len if base else 0
 
+    def grow(self, end: int) -> None:
+        if end > len(self.data):
+            target = end if end <= SMALL_BUFFER_BYTES else C
+            self.data.extend(bytes(target - len(self.data)))
+
+    def piece(self, start: int, stop: int) -> bytes:
+        data = bytes(self.data[start:stop])
+        return data + bytes(stop - start - len(data))
+
+    def is_zero(self) -> bool:
+        return memoryview(ZERO_CHUNK)[:len(self.data)] == self.data
+
     def write(self, offset: int, buf: memoryview) -> None:
         end = offset + len(buf)
+        self.grow(end)
         self.data[offset:end] = buf
         merged, placed = [], False
         for start, stop in self.covered:
@@ -91,13 +111,14 @@ class _Buffer:
 
     def fill(self, base_bytes: bytes) -> None:
         """Copy base content into every uncovered byte; then the buffer is whole."""
+        self.grow(min(self.base_len, len(base_bytes)))
         for start, end in self.holes(min(self.base_len, len(base_bytes))):
             self.data[start:end] = base_bytes[start:end]
         self.covered = [[0, C]]
         self.base = None
 
     def truncate(self, length: int) -> None:
-        self.data[length:] = bytes(C - length)
+        del self.data[length:]
         self.covered = [[s, min(e, length)] for s, e in self.covered if s < length]
         self.base_len = min(self.base_len, length)
 
@@ -138,10 +159,13 @@ class FileContent:
         self.cut: int | None = None
         self.mtime_ns: int | None = None
         self.committed_mtime_ns = 0  # the mtime the last commit recorded
+        self.committed: Inode | None = None  # the inode as the last commit left it
         self.dirty = False
         self.lock = trio.Lock()
         self._superseded: list[ChunkRef] = []
-        self._map: dict[int, ChunkRef] | None = None  # the committed chunk list
+        # The committed chunk list; an empty file has none (no chunk lies past
+        # the size), which spares a new file's first write a metadata read.
+        self._map: dict[int, ChunkRef] | None = {} if size == 0 else None
 
     # ---- committed state -------------------------------------------------------
     async def _load_map(self) -> dict[int, ChunkRef]:
@@ -204,7 +228,7 @@ class FileContent:
             if not entry.covers(start, stop) and entry.base is not None:
                 base = await self.svc.source.read(entry.base, 0, entry.base.length)
                 entry.fill(base)
-            return bytes(entry.data[start:stop])
+            return entry.piece(start, stop)
         if entry is _MISSING:
             ref, limit = self._committed(index)
         else:
@@ -305,10 +329,11 @@ class FileContent:
         if not buffer.covers(0, length) and buffer.base is not None:
             buffer.fill(await self.svc.source.read(buffer.base, 0, buffer.base.length))
         # Bytes past `length` are always zero (writes never pass the size and
-        # truncate zeroes what it cuts), so one full-buffer compare finds holes.
-        if buffer.data == ZERO_CHUNK:
+        # truncate cuts what it drops), so one compare finds holes.
+        if buffer.is_zero():
             self._drop_buffer()
             return None  # all zeros: a hole, stored as no chunk
+        buffer.grow(length)
         ref = await self.svc.source.seal(memoryview(buffer.data)[:length], upload_now=upload_now)
         self._drop_buffer()
         return ref
@@ -351,7 +376,7 @@ class FileContent:
                 changes[index] = entry  # type: ignore[assignment]
             drop_from = None if self.cut is None else (self.cut + C - 1) // C
             mtime_ns = self.mtime_ns or time.time_ns()
-            new_chunks = await self.svc.calls.in_thread(
+            new_chunks, self.committed = await self.svc.calls.in_thread(
                 self.svc.meta.commit_content, self.ino, self.size, changes, mtime_ns, drop_from,
             )
             metrics.COMMITS.inc()

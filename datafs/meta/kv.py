@@ -80,8 +80,11 @@ class KV(abc.ABC):
         effects outside the transaction."""
 
     @abc.abstractmethod
-    def view(self, fn: Callable[[Txn], T]) -> T:
-        """Run `fn` on a read-only snapshot."""
+    def view(self, fn: Callable[[Txn], T], consistent: bool = True) -> T:
+        """Run `fn` read-only. `consistent`: all its reads see one snapshot;
+        without it a remote engine may run each read on its own (saving the
+        transaction's round trips), for bodies that tolerate a change landing
+        between two reads (a lookup racing an unlink just finds nothing)."""
 
     def sync(self) -> None:
         """Make committed transactions durable against power loss."""

@@ -64,7 +64,7 @@ class LmdbKV(KV):
             max_spare_txns=16,
         )
 
-    def view(self, fn: Callable[[Txn], T]) -> T:
+    def view(self, fn: Callable[[Txn], T], consistent: bool = True) -> T:
         with self._env.begin(write=False, buffers=False) as txn:
             return fn(_LmdbTxn(txn))
 

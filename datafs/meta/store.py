@@ -205,12 +205,16 @@ class _Tx:
 
     # ---- inodes and entries ------------------------------------------------
     def load(self, *keys: bytes) -> dict[bytes, bytes]:
-        """Fetch several keys in one round trip; inode records are cached."""
+        """Fetch several keys in one round trip; inode and chunk records
+        (`r` keys, found or not) are cached for the rest of the body."""
         found = self.t.get_many(k for k in keys if not (k[:1] == b"i" and _U64.unpack(k[1:9])[0] in self._inodes))
-        for key, raw in found.items():
-            if key[:1] == b"i" and len(key) == 9:
+        for key in keys:
+            raw = found.get(key)
+            if key[:1] == b"i" and len(key) == 9 and raw is not None:
                 ino = _U64.unpack(key[1:])[0]
                 self._inodes[ino] = Inode.unpack(ino, raw)
+            elif key[:1] == b"r" and len(key) == 33 and key[1:] not in self._refs:
+                self._refs[key[1:]] = ChunkRecord.unpack(raw) if raw else None
         return found
 
     def inode(self, ino: int) -> Inode:
@@ -456,7 +460,7 @@ class MetaStore:
 
     # ---- reads ------------------------------------------------------------
     def get_inode(self, ino: int) -> Inode:
-        raw = self.kv.view(lambda t: t.get(_k_inode(ino)))
+        raw = self.kv.view(lambda t: t.get(_k_inode(ino)), consistent=False)
         if raw is None:
             raise errors.NotFound(f"inode {ino}")
         return Inode.unpack(ino, raw)
@@ -487,7 +491,7 @@ class MetaStore:
                 raise errors.NotFound(f"inode {ino}")
             return Inode.unpack(ino, raw_child)
 
-        return self.kv.view(body)
+        return self.kv.view(body, consistent=False)
 
     def readdir(self, parent: int, start_seq: int, limit: int = 256) -> list[tuple[int, bytes, Inode]]:
         """Up to `limit` entries with seq >= start_seq as (seq, name, inode),
@@ -511,10 +515,12 @@ class MetaStore:
                     out.append((_U64.unpack(key[9:])[0], name, Inode.unpack(ino, raw)))
             return out
 
-        return self.kv.view(body)
+        # Entries removed between the reads are skipped, as a listing racing
+        # an unlink would skip them anyway.
+        return self.kv.view(body, consistent=False)
 
     def readlink(self, ino: int) -> bytes:
-        target = self.kv.view(lambda t: t.get(b"l" + _u64(ino)))
+        target = self.kv.view(lambda t: t.get(b"l" + _u64(ino)), consistent=False)
         if target is None:
             raise errors.Invalid(f"inode {ino} is not a symlink")
         return target
@@ -533,10 +539,12 @@ class MetaStore:
                 out[index] = ChunkRef(raw_id.hex(), length)
             return out
 
-        return self.kv.view(body)
+        # One statement for any file under 512 chunks; a longer list spans
+        # pages and needs the snapshot.
+        return self.kv.view(body, consistent=last - first < 512)
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        found = self.kv.view(lambda t: t.get_many([_k_inode(ino), _k_xattr(ino, name)]))
+        found = self.kv.view(lambda t: t.get_many([_k_inode(ino), _k_xattr(ino, name)]), consistent=False)
         if _k_inode(ino) not in found:
             raise errors.NotFound(f"inode {ino}")
         value = found.get(_k_xattr(ino, name))
@@ -581,7 +589,7 @@ class MetaStore:
 
     def pending_token(self, chunk_id: str) -> bytes | None:
         """This node's pending-upload token for a chunk, or None if it owes no upload."""
-        return self.kv.view(lambda t: t.get(_k_pending(self.node_id, bytes.fromhex(chunk_id))))
+        return self.kv.view(lambda t: t.get(_k_pending(self.node_id, bytes.fromhex(chunk_id))), consistent=False)
 
     def is_pending(self, chunk_id: str) -> bool:
         return self.pending_token(chunk_id) is not None
@@ -640,8 +648,11 @@ class MetaStore:
     # ---- namespace writes -------------------------------------------------
     def mknode(
         self, parent: int, name: bytes, mode: int, uid: int, gid: int,
-        rdev: int = 0, target: bytes | None = None,
-    ) -> Inode:
+        rdev: int = 0, target: bytes | None = None, with_parent: bool = False,
+    ) -> Inode | tuple[Inode, Inode]:
+        """A new inode named `name` in `parent`. In a set-group-ID directory it
+        takes the directory's group (and a new directory the bit), as on ext4.
+        `with_parent` also returns the directory as the transaction left it."""
         _check_name(name)
         ino = self.allocator.take()
 
@@ -653,8 +664,13 @@ class MetaStore:
             if _k_dirent(parent, name) in found:
                 raise errors.Exists(name.decode(errors="replace"))
             is_dir = stat.S_ISDIR(mode)
+            new_mode, new_gid = mode, gid
+            if directory.mode & stat.S_ISGID:
+                new_gid = directory.gid
+                if is_dir:
+                    new_mode |= stat.S_ISGID
             inode = Inode(
-                ino, mode, uid, gid, atime_ns=tx.now, mtime_ns=tx.now, ctime_ns=tx.now,
+                ino, new_mode, uid, new_gid, atime_ns=tx.now, mtime_ns=tx.now, ctime_ns=tx.now,
                 nlink=2 if is_dir else 1, rdev=rdev, parent=parent if is_dir else 0,
             )
             if target is not None:
@@ -665,11 +681,11 @@ class MetaStore:
                 directory.nlink += 1
             tx.touch(directory)
             tx.save(inode, directory)
-            return inode
+            return inode, dataclasses.replace(directory)
 
-        inode = self._write(body)
+        inode, directory = self._write(body)
         self.add_inode_delta(1)
-        return inode
+        return (inode, directory) if with_parent else inode
 
     def link(self, ino: int, parent: int, name: bytes) -> Inode:
         _check_name(name)
@@ -872,27 +888,33 @@ class MetaStore:
     def commit_content(
         self, ino: int, size: int, changes: dict[int, ChunkRef | None],
         mtime_ns: int | None = None, drop_from: int | None = None,
-    ) -> list[str]:
+    ) -> tuple[list[str], Inode]:
         """Point chunk indexes at new chunks (None = hole), drop chunks from
         index `drop_from` (a truncation) and past `size`, set size and times.
         Returns the chunk ids this node now owes an upload for (recorded as
-        pending in the same transaction)."""
+        pending in the same transaction) and the inode as committed."""
+
+        end_index = (size + CHUNK_SIZE_BYTES - 1) // CHUNK_SIZE_BYTES
+        first_dropped = end_index if drop_from is None else min(end_index, drop_from)
+        wanted = {i: r for i, r in changes.items() if i < end_index or r is None}
+        chunk_keys = [_k_chunk(ino, i) for i in wanted if i < first_dropped]
+        new_refs = {b"r" + bytes.fromhex(r.chunk_id) for r in wanted.values() if r is not None}
 
         def body(tx: _Tx) -> list[str]:
             t = tx.t
+            # One read for the inode, the chunks being replaced and the
+            # records of the new chunks; more only for what those reveal.
+            found = tx.load(_k_inode(ino), *chunk_keys, *new_refs)
             inode = tx.inode(ino)
-            end_index = (size + CHUNK_SIZE_BYTES - 1) // CHUNK_SIZE_BYTES
-            first_dropped = end_index if drop_from is None else min(end_index, drop_from)
             prefix = b"c" + _u64(ino)
-            dropped = list(t.scan(prefix, prefix + _u64(first_dropped)))
-            wanted = {i: r for i, r in changes.items() if i < end_index or r is None}
-            old = t.get_many(_k_chunk(ino, i) for i in wanted if i < first_dropped)
+            # No chunk exists past the committed size: a scan is needed only
+            # to drop a tail (truncation or shrink).
+            old_end = (inode.size + CHUNK_SIZE_BYTES - 1) // CHUNK_SIZE_BYTES
+            dropped = list(t.scan(prefix, prefix + _u64(first_dropped))) if old_end > first_dropped else []
+            old = {key: found[key] for key in chunk_keys if key in found}
             for key, value in dropped:
                 old.setdefault(key, value)
-            tx.load_refs(
-                [v[:32] for v in old.values()]
-                + [bytes.fromhex(r.chunk_id) for r in wanted.values() if r is not None]
-            )
+            tx.load_refs(v[:32] for v in old.values())
             for key, value in dropped:
                 t.delete(key)
                 tx.decref(value[:32])
@@ -914,7 +936,7 @@ class MetaStore:
             inode.mtime_ns = mtime_ns if mtime_ns is not None else tx.now
             inode.ctime_ns = tx.now
             tx.save(inode)
-            return list(dict.fromkeys(tx.to_upload))
+            return list(dict.fromkeys(tx.to_upload)), dataclasses.replace(inode)
 
         return self._write(body)
 
