@@ -59,6 +59,10 @@ MAX_BACKOFF_SECONDS = 60.0
 #: would cost as much as the PUT it might save (keys are content hashes, so
 #: a PUT of a chunk the store has rewrites the same bytes).
 CHECK_BEFORE_PUT_MIN_BYTES = 1 << 20
+#: Finished uploads are marked in the metadata in batches gathered this long:
+#: one transaction per batch instead of one per chunk (on a shared engine each
+#: is a round trip that can also conflict with the namespace's transactions).
+MARK_BATCH_SECONDS = 0.05
 
 
 class Uploader:
@@ -77,6 +81,8 @@ class Uploader:
         self.failing: dict[str, str] = {}
         self.uploaded_bytes = 0
         self._early: dict[str, trio.Event] = {}  # early uploads in flight
+        self._marks: list[tuple[str, bytes, trio.Event, list]] = []
+        self._mark_wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         # Told when a chunk is in the store (the chain drops its seal pin).
         self.on_stored: Callable[[str], None] = lambda chunk: None
@@ -160,6 +166,7 @@ class Uploader:
             self._nursery = nursery
             for _ in range(self.concurrency):
                 nursery.start_soon(self._worker, receive.clone())
+            nursery.start_soon(self._marker)
             task_status.started()
             async with send:
                 while True:
@@ -167,6 +174,30 @@ class Uploader:
                         await send.send(self._queue.popleft())
                     self._wake = trio.Event()
                     await self._wake.wait()
+
+    async def _mark(self, chunk: str, token: bytes) -> str:
+        """Mark one chunk uploaded, in the next batch."""
+        done, box = trio.Event(), []
+        self._marks.append((chunk, token, done, box))
+        self._mark_wake.set()
+        await done.wait()
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
+    async def _marker(self) -> None:
+        while True:
+            await self._mark_wake.wait()
+            self._mark_wake = trio.Event()
+            await trio.sleep(MARK_BATCH_SECONDS)
+            batch, self._marks = self._marks, []
+            try:
+                results = await self.calls.in_thread(self.meta.mark_uploaded_many, [(c, t) for c, t, _, _ in batch])
+            except (errors.MetaUnavailable, OSError) as exc:
+                results = {c: exc for c, _, _, _ in batch}
+            for chunk, _, done, box in batch:
+                box.append(results[chunk])
+                done.set()
 
     async def _worker(self, receive: trio.MemoryReceiveChannel[str]) -> None:
         async with receive:
@@ -202,7 +233,7 @@ class Uploader:
                     metrics.UPLOAD_BYTES.inc(size)
                     self.uploaded_bytes += size
                 if token is not None:  # an early upload usually is not pending yet: no write
-                    if await self.calls.in_thread(self.meta.mark_uploaded, chunk, token) != UPLOAD_DONE:
+                    if await self._mark(chunk, token) != UPLOAD_DONE:
                         raise errors.StoreError("the chunk was being deleted or re-queued during its upload", temporary=True)
                 metrics.UPLOADS.labels("ok").inc()
                 metrics.UPLOAD_SECONDS.observe(time.monotonic() - started)

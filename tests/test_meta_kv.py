@@ -331,3 +331,17 @@ def test_lmdb_survives_reopen(tmp_path):
 def test_unknown_engine_is_rejected():
     with pytest.raises(ValueError):
         open_kv("redis://localhost")
+
+
+def test_get_many_via_follows_a_pointer(kv: KV):
+    def fill(t):
+        t.put(b"d-entry", (7).to_bytes(8, "big") + b"seq")
+        t.put(b"i" + (7).to_bytes(8, "big"), b"the inode")
+        t.put(b"d-dangling", (9).to_bytes(8, "big"))
+        t.put(b"other", b"x")
+
+    kv.transact(fill)
+    got = kv.view(lambda t: t.get_many_via([b"other", b"d-entry"], b"d-entry", b"i"), consistent=False)
+    assert got == {b"other": b"x", b"d-entry": (7).to_bytes(8, "big") + b"seq", b"i" + (7).to_bytes(8, "big"): b"the inode"}
+    assert kv.view(lambda t: t.get_many_via([b"d-dangling"], b"d-dangling", b"i")) == {b"d-dangling": (9).to_bytes(8, "big")}
+    assert kv.view(lambda t: t.get_many_via([b"missing"], b"missing", b"i")) == {}

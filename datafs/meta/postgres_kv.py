@@ -142,6 +142,17 @@ class _PgTxn(Txn):
                 out[bytes(k)] = bytes(v)
         return out
 
+    def get_many_via(self, keys: list[bytes], via: bytes, prefix: bytes) -> dict[bytes, bytes]:
+        if self._writes:
+            return super().get_many_via(keys, via, prefix)  # buffered writes: the general path
+        rows = self._rows(
+            "SELECT k, v FROM datafs_kv WHERE vol = %s AND k = ANY(%s) "
+            "UNION ALL SELECT b.k, b.v FROM datafs_kv a JOIN datafs_kv b "
+            "ON b.vol = a.vol AND b.k = %s || substring(a.v FROM 1 FOR 8) WHERE a.vol = %s AND a.k = %s",
+            (self._vol, [bytes(k) for k in keys], bytes(prefix), self._vol, bytes(via)),
+        )
+        return {bytes(k): bytes(v) for k, v in rows}
+
     def put(self, key: bytes, value: bytes) -> None:
         if not self._writable:
             raise RuntimeError("put in a read transaction")
@@ -323,7 +334,7 @@ class PostgresKV(KV):
 
     def _run(self, fn: Callable[[Txn], T], writable: bool, snapshot: bool = True) -> T:
         deadline = time.monotonic() + self.timeout_seconds
-        delay = 0.002
+        delay = 0.0005
         if writable:
             begin, end = "BEGIN ISOLATION LEVEL SERIALIZABLE", "COMMIT"
         elif snapshot:
@@ -362,8 +373,10 @@ class PostgresKV(KV):
                 if time.monotonic() + delay >= deadline:
                     metrics.META_TXNS.labels(op, "conflict").inc()
                     raise MetaUnavailable("metadata transaction kept conflicting with other nodes") from None
-                time.sleep(delay * random.uniform(0.5, 1.5))
-                delay = min(delay * 2, 0.25)
+                # Conflicts here are mostly SSI's page-granular false
+                # positives, gone on the next try: retry soon, with jitter.
+                time.sleep(delay * random.uniform(0.0, 2.0))
+                delay = min(delay * 2, 0.05)
                 continue
             except pg_errors.InvalidSqlStatementName:
                 # A statement prepared in a pipeline whose transaction then

@@ -470,7 +470,8 @@ class MetaStore:
             raise errors.NameTooLong(f"name of {len(name)} bytes")
 
         def body(t: Txn) -> Inode:
-            found = t.get_many([_k_inode(parent), _k_dirent(parent, name)])
+            # One round trip: the parent, the entry and the inode it names.
+            found = t.get_many_via([_k_inode(parent), _k_dirent(parent, name)], _k_dirent(parent, name), b"i")
             raw_parent = found.get(_k_inode(parent))
             if raw_parent is None:
                 raise errors.NotFound(f"inode {parent}")
@@ -486,7 +487,7 @@ class MetaStore:
                 if raw is None:
                     raise errors.NotFound(name.decode(errors="replace"))
                 ino = _ENTRY.unpack(raw)[0]
-            raw_child = t.get(_k_inode(ino))
+            raw_child = found.get(_k_inode(ino)) or t.get(_k_inode(ino))
             if raw_child is None:
                 raise errors.NotFound(f"inode {ino}")
             return Inode.unpack(ino, raw_child)
@@ -986,25 +987,36 @@ class MetaStore:
         """Record that the store has this chunk, if what this node saw before
         uploading (`token`) still holds: UPLOAD_DONE, or UPLOAD_RETRY when the
         chunk is being deleted or was re-queued meanwhile (upload again)."""
-        raw_id = bytes.fromhex(chunk_id)
+        return self.mark_uploaded_many([(chunk_id, token)])[chunk_id]
 
-        def body(tx: _Tx) -> str:
+    def mark_uploaded_many(self, items: list[tuple[str, bytes | None]]) -> dict[str, str]:
+        """`mark_uploaded` for many chunks in one transaction: the uploader
+        batches them, so a busy node commits one write instead of one per
+        chunk (fewer transactions to conflict with the namespace's)."""
+        raw_ids = [(bytes.fromhex(chunk), token) for chunk, token in items]
+
+        def body(tx: _Tx) -> dict[str, str]:
             t = tx.t
-            found = t.get_many([b"r" + raw_id, _k_pending(self.node_id, raw_id)])
-            raw = found.get(b"r" + raw_id)
-            record = ChunkRecord.unpack(raw) if raw else None
-            if record is not None and record.flags & DELETING:
-                return UPLOAD_RETRY
-            current = found.get(_k_pending(self.node_id, raw_id))
-            if current is None:
-                return UPLOAD_DONE  # another node uploaded it, or it was collected
-            if token is not None and current != token:
-                return UPLOAD_RETRY
-            tx.clear_pending(raw_id)
-            if record is not None:
-                record.flags &= ~PENDING
-                t.put(b"r" + raw_id, record.pack())
-            return UPLOAD_DONE
+            keys = [k for raw, _ in raw_ids for k in (b"r" + raw, _k_pending(self.node_id, raw))]
+            found = tx.load(*keys)
+            out = {}
+            for raw_id, token in raw_ids:
+                record = tx._ref(raw_id)
+                current = found.get(_k_pending(self.node_id, raw_id))
+                if record is not None and record.flags & DELETING:
+                    out[raw_id.hex()] = UPLOAD_RETRY
+                elif current is None:
+                    out[raw_id.hex()] = UPLOAD_DONE  # another node uploaded it, or it was collected
+                elif token is not None and current != token:
+                    out[raw_id.hex()] = UPLOAD_RETRY
+                else:
+                    tx.clear_pending(raw_id)
+                    found.pop(_k_pending(self.node_id, raw_id), None)
+                    if record is not None:
+                        record.flags &= ~PENDING
+                        t.put(b"r" + raw_id, record.pack())
+                    out[raw_id.hex()] = UPLOAD_DONE
+            return out
 
         return self._write(body)
 
