@@ -60,7 +60,7 @@ class Settings:
     volume: str = "default"  # several volumes can share one database
     meta_password_file: Path | None = None  # else DATAFS_META_PASSWORD, PGPASSWORD or ~/.pgpass
     meta_timeout_seconds: float = 30.0  # a metadata call fails with EIO after this
-    meta_concurrency: int = 16  # connections to a remote engine
+    meta_concurrency: int = 8  # connections to a remote engine (per node)
     session_timeout_seconds: float = 60.0  # a node silent this long is dead to the others
     # Shared volumes only (LMDB frees at once): how long an unreferenced chunk
     # stays in the store, and an unlinked inode in the metadata, before they

@@ -97,7 +97,7 @@ def _brief(args: tuple) -> str:
 
 PREFETCH_MAX_WINDOW_CHUNKS = 16
 #: Entries fetched per metadata call while listing a directory.
-READDIR_BATCH = 256
+READDIR_BATCH = 1000
 #: Inodes whose last-seen (size, mtime) this node remembers for close-to-open.
 SEEN_INODES_MAX = 100_000
 
@@ -440,7 +440,7 @@ class Operations(pyfuse3.Operations):
     # ---- directories -----------------------------------------------------------------
     @_fuse_op
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        if not (await self._m(self.meta.get_inode, inode)).is_dir:
+        if not (await self._inode(inode)).is_dir:
             raise errors.NotDirectory(f"inode {inode}")
         fh = next(self._fh)
         self.dir_handles[fh] = _DirHandle(inode)
@@ -458,6 +458,7 @@ class Operations(pyfuse3.Operations):
                 # now continues exactly where the kernel stopped taking.
                 entries = await self._m(self.meta.readdir, handle.ino, start_id, READDIR_BATCH)
                 handle.keep(start_id, entries)
+                self._cache(*(inode for _, _, inode in entries))  # a walk opens these next
             if not entries:
                 return
             for seq, name, inode in entries:
