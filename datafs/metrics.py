@@ -23,9 +23,18 @@ CHUNKS_SEALED = Counter("datafs_chunks_sealed_total", "Chunks hashed and written
 COMMITS = Counter("datafs_commits_total", "File content commits to the metadata store")
 CACHE_BYTES = Gauge("datafs_cache_bytes", "Bytes of chunks in the local cache")
 CACHE_EVICTIONS = Counter("datafs_cache_evictions_total", "Chunks evicted from the local cache")
+CACHE_CORRUPT = Counter("datafs_cache_corrupt_total", "Cache files that failed verification and were dropped")
 UPLOADS = Counter("datafs_uploads_total", "Chunk uploads to the object store", ["result"])
 UPLOAD_BYTES = Counter("datafs_upload_bytes_total", "Bytes uploaded to the object store")
-UPLOADS_PENDING = Gauge("datafs_uploads_pending", "Committed chunks not yet in the object store")
+UPLOADS_PENDING = Gauge("datafs_uploads_pending", "Committed chunks not yet in the object store (status: pending uploads)")
+UPLOADS_PENDING_BYTES = Gauge("datafs_uploads_pending_bytes", "Bytes of committed chunks not yet in the object store")
+UPLOADS_FAILING = Gauge(
+    "datafs_uploads_failing", "Chunks whose last upload attempt failed, by whether their file is committed yet",
+    ["state"],  # committed (counted in pending) or open (a file still being written)
+)
+WRITES_DROPPED = Counter(
+    "datafs_writes_dropped_total", "Files whose uncommitted writes were dropped after a write or commit failed", ["errno"],
+)
 UPLOAD_SECONDS = Histogram("datafs_upload_seconds", "Time to upload one chunk")
 GC_CHUNKS = Counter("datafs_gc_chunks_total", "Unreferenced chunks deleted")
 META_TXNS = Counter("datafs_meta_transactions_total", "Metadata transactions", ["op", "result"])
@@ -35,3 +44,5 @@ META_TXN_SECONDS = Histogram(
 )
 META_TXN_RESTARTS = Counter("datafs_meta_transaction_restarts_total", "Metadata transactions run again after a conflict")
 SESSIONS_LIVE = Gauge("datafs_sessions_live", "Nodes with a live session in the shared metadata engine")
+PEER_REQUESTS_SERVED = Counter("datafs_peer_requests_served_total", "Requests from other nodes, by method and result", ["method", "result"])
+PEER_SERVED_BYTES = Counter("datafs_peer_served_bytes_total", "Chunk bytes sent to other nodes")
