@@ -378,6 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     warm.add_argument("--parallel", type=int, default=32, help="concurrent readers (default 32)")
     warm.set_defaults(func=cmd_warmup)
 
+    from .fsck_cli import add_parser as add_fsck
+
+    add_fsck(sub)
+
     try:
         from .inductor_cli import add_parser as add_inductor
     except ImportError:

@@ -339,6 +339,8 @@ class Daemon:
             ("GET", "/status"): self._control_status,
             ("POST", "/pending"): self._control_pending,
             ("POST", "/retry"): self._control_retry,
+            ("POST", "/fsck"): self._control_fsck,
+            ("GET", "/fsck"): self._control_fsck_progress,
         }
 
     async def _control_status(self, query: dict, body: dict | None) -> dict:
@@ -392,6 +394,29 @@ class Daemon:
     async def _control_retry(self, query: dict, body: dict | None) -> dict:
         self.uploader.retry_now()
         return {}
+
+    async def _control_fsck(self, query: dict, body: dict | None) -> dict:
+        """`datafs fsck`: check (and with `repair`, fix) the volume beside the
+        running mount; answers with the report once the check is done."""
+        from .fsck import Fsck, FsckError
+
+        if getattr(self, "_fsck", None) is not None:
+            raise ControlError(409, "an fsck is already running on this mount")
+        body = body or {}
+        self._fsck = Fsck(
+            self.meta, self.store, self.cache, self.calls, grace_seconds=self.settings.gc_grace_seconds,
+            verify=bool(body.get("verify")), repair=bool(body.get("repair")), enqueue=self.uploader.enqueue,
+        )
+        try:
+            return await self._fsck.run()
+        except (FsckError, MetaUnavailable) as exc:
+            raise ControlError(503, f"fsck could not finish: {exc}") from None
+        finally:
+            self._fsck = None
+
+    async def _control_fsck_progress(self, query: dict, body: dict | None) -> dict:
+        fsck = getattr(self, "_fsck", None)
+        return {"running": fsck is not None, **(fsck.progress if fsck is not None else {})}
 
     async def _on_signals(self) -> None:
         """SIGTERM/SIGINT unmount cleanly; SIGUSR1 retries failing uploads now."""

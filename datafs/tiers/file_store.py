@@ -13,9 +13,10 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import ChunkMissing, StoreError, UsageError
-from .store import ObjectStore, object_key
+from .store import ObjectStore, StoredChunk, is_chunk_id, object_key
 
 
 class FileStore(ObjectStore):
@@ -77,3 +78,33 @@ class FileStore(ObjectStore):
 
     def delete(self, chunk_id: str) -> None:
         self._path(chunk_id).unlink(missing_ok=True)
+
+    def list_chunks(self) -> Iterator[StoredChunk]:
+        """In id order. The age is the file's ctime, which its hard link (or
+        rename) into the store set: its mtime is when the chunk was written
+        to the cache, which can be much earlier than its upload."""
+        try:
+            for first in _subdirs(self.root / "chunks"):
+                for second in _subdirs(first):
+                    for entry in sorted(_scandir(second), key=lambda e: e.name):
+                        if not is_chunk_id(entry.name) or object_key(entry.name) != f"chunks/{first.name}/{second.name}/{entry.name}":
+                            continue
+                        try:
+                            st = entry.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue  # deleted while listing
+                        yield StoredChunk(entry.name, st.st_size, st.st_ctime)
+        except OSError as exc:
+            raise StoreError(f"listing {self.root}: {exc}", temporary=True) from None
+
+
+def _scandir(path: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(path) as entries:
+            return list(entries)
+    except FileNotFoundError:
+        return []
+
+
+def _subdirs(path: Path) -> list[Path]:
+    return [Path(e.path) for e in sorted(_scandir(path), key=lambda e: e.name) if e.is_dir(follow_symlinks=False)]

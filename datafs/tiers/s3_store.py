@@ -20,6 +20,7 @@ Invariants:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import boto3
 from botocore.config import Config
@@ -37,7 +38,7 @@ from botocore.exceptions import (
 )
 
 from ..errors import ChunkMissing, StoreError, UsageError
-from .store import ObjectStore, object_key
+from .store import ObjectStore, StoredChunk, is_chunk_id, object_key
 
 DEFAULT_REGION = "us-east-1"
 
@@ -250,3 +251,16 @@ class S3Store(ObjectStore):
             self._client.delete_object(Bucket=self.bucket, Key=key)
         except (ClientError, BotoCoreError) as exc:
             raise classify_error(exc, f"DELETE {key}") from None
+
+    def list_chunks(self) -> Iterator[StoredChunk]:
+        """ListObjectsV2 under PREFIX/chunks/, 1000 keys a page, in key order
+        (which is id order: the fan-out directories are the id's first digits)."""
+        base = f"{self.prefix}/chunks/" if self.prefix else "chunks/"
+        try:
+            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
+                for obj in page.get("Contents", []):
+                    chunk = obj["Key"].rpartition("/")[2]
+                    if is_chunk_id(chunk) and obj["Key"] == self._key(chunk):
+                        yield StoredChunk(chunk, int(obj["Size"]), obj["LastModified"].timestamp())
+        except (ClientError, BotoCoreError) as exc:
+            raise classify_error(exc, f"LIST {base}") from None

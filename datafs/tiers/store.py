@@ -10,14 +10,34 @@ They raise `errors.ChunkMissing` for an absent object and `errors.StoreError`
 from __future__ import annotations
 
 import abc
+import string
 from pathlib import Path
+from typing import Iterator, NamedTuple
 
 from ..errors import UsageError
+
+_HEX = frozenset(string.hexdigits.lower())
 
 
 def object_key(chunk_id: str, prefix: str = "") -> str:
     key = f"chunks/{chunk_id[:2]}/{chunk_id[2:4]}/{chunk_id}"
     return f"{prefix.strip('/')}/{key}" if prefix.strip("/") else key
+
+
+def is_chunk_id(name: str) -> bool:
+    """Whether `name` is a chunk id (64 lower-case hex digits), so a listing
+    can skip whatever else lives under the prefix."""
+    return len(name) == 64 and _HEX.issuperset(name)
+
+
+class StoredChunk(NamedTuple):
+    """One chunk object, as a listing shows it."""
+
+    chunk_id: str
+    size_bytes: int
+    #: Unix time the object arrived (S3 LastModified, a file's ctime): fsck
+    #: leaves unreferenced objects younger than the GC grace alone.
+    modified: float
 
 
 class ObjectStore(abc.ABC):
@@ -41,6 +61,13 @@ class ObjectStore(abc.ABC):
 
     @abc.abstractmethod
     def delete(self, chunk_id: str) -> None: ...
+
+    def list_chunks(self) -> Iterator[StoredChunk]:
+        """Every chunk object in the store, for fsck. Blocking and paged
+        underneath: consume it from a worker thread, a batch at a time.
+        Not abstract, so wrappers need not list; fsck then asks `exists`
+        chunk by chunk and cannot look for unreferenced objects."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list its objects")
 
     def describe(self) -> str:
         return type(self).__name__
