@@ -121,7 +121,7 @@ def _run_daemon(daemon) -> int:
         trio.run(daemon.run)
     finally:
         daemon.close()
-    return 0
+    return 1 if (daemon.exit_report or {}).get("lost") else 0  # writes lost at shutdown
 
 
 def _serve_metrics(address: str) -> None:
@@ -165,6 +165,7 @@ def _spawn_daemon(daemon) -> int:
             import trio
 
             trio.run(daemon.run)
+            status = 1 if (daemon.exit_report or {}).get("lost") else 0
         except BaseException:
             import logging
 
@@ -201,10 +202,15 @@ def _datafs_mount(mountpoint: str) -> mounts.MountInfo:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
+    """Unmount, wait for the daemon to exit, and say what it could not keep:
+    exit 1 if writes were lost (the daemon had died, or could not commit
+    something at shutdown), with one line per file; committed chunks not yet
+    in the object store are a note (they upload at the next mount)."""
     from .daemon import read_daemon_pid
 
     info = _datafs_mount(args.mountpoint)
     pid = read_daemon_pid(info.state_dir) if info.state_dir else None
+    alive = pid is not None and mounts.pid_alive(pid)
     result = _fusermount(Path(info.mountpoint))
     if result.returncode != 0:
         detail = (result.stderr or result.stdout).strip().splitlines()
@@ -214,6 +220,10 @@ def cmd_umount(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot unmount {info.mountpoint}: {reason}")
     if pid is None:
         return 0
+    if not alive:
+        print(f"datafs: the daemon of {info.mountpoint} had died (pid {pid}): writes to files that were not "
+              f"closed before it died are lost; mount again to resume its uploads", file=sys.stderr)
+        return 1
     deadline = time.monotonic() + args.timeout
     shown = False
     while mounts.pid_alive(pid):
@@ -223,6 +233,31 @@ def cmd_umount(args: argparse.Namespace) -> int:
             print("waiting for the daemon to commit and exit...", file=sys.stderr)
             shown = True
         time.sleep(0.05)
+    return _report_exit(info, pid)
+
+
+def _report_exit(info: mounts.MountInfo, pid: int) -> int:
+    from .daemon import read_exit_report
+
+    assert info.state_dir is not None
+    report = read_exit_report(info.state_dir, pid)
+    if report is None:
+        print(f"datafs: the daemon (pid {pid}) stopped with an error before finishing; "
+              f"see {info.state_dir / 'datafs.log'}", file=sys.stderr)
+        return 1
+    for item in report.get("lost", []):
+        print(f"datafs: inode {item['ino']} ({_format_bytes(item.get('size_bytes', 0))} written): "
+              f"not committed: {item['error']}", file=sys.stderr)
+    if report.get("pending_chunks"):
+        failing = report.get("failing_chunks", 0)
+        sample = next(iter(report.get("failing_sample", {}).values()), "")
+        print(f"datafs: {report['pending_chunks']} committed chunks ({_format_bytes(report.get('pending_bytes', 0))}) "
+              f"are not in the object store yet" + (f" ({failing} failing: {sample})" if failing else "")
+              + f"; they upload when {info.state_dir} is mounted again", file=sys.stderr)
+    if report.get("lost"):
+        print(f"datafs: {len(report['lost'])} file(s) could not be committed at unmount: their writes since "
+              f"their last close or fsync are lost ('find {info.mountpoint} -inum N' after the next mount)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -251,6 +286,8 @@ def _format_bytes(n: float) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """Exit 0 when healthy, 1 when uploads are failing, 2 when the daemon is
+    not running (or another error)."""
     info = _datafs_mount(args.mountpoint)
     st = _control(info, "GET", "/status")
     print(f"mountpoint:       {info.mountpoint}")
@@ -258,19 +295,32 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"daemon:           running (pid {st['pid']})")
     print(f"metadata:         {st['meta']}" + (f", volume {st['volume']}, node {st['node']}" if st.get("shared") else ""))
     print(f"object store:     {st['store']}")
-    print(f"inodes:           {st['inodes']}")
+    print(f"inodes:           {st['inodes'] if st.get('inodes') is not None else 'unknown (the metadata engine does not answer)'}")
     print(f"pending uploads:  {st['pending_chunks']} chunks, {_format_bytes(st['pending_bytes'])}, oldest {st['pending_oldest_seconds']:.1f} s")
     print(f"upload rate:      {_format_bytes(st['upload_bytes_per_second'])}/s")
-    print(f"failing uploads:  {st['failing_chunks']}")
+    print(f"failing uploads:  {st['failing_chunks']}" + (" (of the pending chunks)" if st["failing_chunks"] else ""))
     for chunk, error in st.get("failing_sample", {}).items():
         print(f"  {chunk[:16]}...: {error}")
-    print(f"local cache:      {_format_bytes(st['cache_bytes'])}")
+    if st.get("open_files_unsaved") or st.get("open_failing_chunks"):
+        print(f"open files:       {st.get('open_files_unsaved', 0)} with writes not committed yet"
+              + (f", {st['open_failing_chunks']} of their chunks failing to upload" if st.get("open_failing_chunks") else ""))
+    cache = f"{_format_bytes(st['cache_bytes'])}"
+    if st.get("cache_limit_bytes"):
+        cache += f" of {_format_bytes(st['cache_limit_bytes'])}"
+    if st.get("cache_pinned_bytes"):
+        cache += f", {_format_bytes(st['cache_pinned_bytes'])} only here (not in the object store yet)"
+    print(f"local cache:      {cache}")
     if st.get("shared"):
         nodes = ", ".join(f"{n} ({host})" if host else n for n, host in st["live_nodes"].items())
         print(f"live nodes:       {nodes or 'none'}")
         print(f"chunks at risk:   {st['chunks_at_risk']}" + (" (committed, not uploaded, on nodes that are gone)" if st["chunks_at_risk"] else ""))
         for item in st.get("at_risk_sample", []):
             print(f"  {item['chunk'][:16]}... only on node {item['node']}")
+    failing = st["failing_chunks"] + st.get("open_failing_chunks", 0)
+    if failing:
+        print(f"datafs: uploads are failing ({failing} chunks); they are retried until they succeed "
+              f"(see the errors above and {info.state_dir / 'datafs.log'})", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -297,27 +347,49 @@ def cmd_sync(args: argparse.Namespace) -> int:
                 os.close(fd)
             inodes.append(st.st_ino)
         body = {"inodes": inodes}
-    deadline = time.monotonic() + args.timeout
+    started = time.monotonic()
+    deadline = started + args.timeout
+    interactive = sys.stderr.isatty()
     progress = None
-    next_kick = 0.0
+    first: dict | None = None
+    next_kick = next_line = 0.0
     while True:
-        if time.monotonic() >= next_kick:
+        now = time.monotonic()
+        if now >= next_kick:
             # Ask the daemon to retry failing uploads now rather than after its backoff.
             _control(info, "POST", "/retry")
-            next_kick = time.monotonic() + 5.0
+            next_kick = now + 5.0
         pending = _control(info, "POST", "/pending", body)
         left = pending["bytes"]
-        if progress is None:
-            progress = tqdm(total=left, unit="B", unit_scale=True, unit_divisor=1024, desc="sync",
-                            disable=not sys.stderr.isatty(), file=sys.stderr)
-        progress.n = progress.total - left
-        progress.refresh()
+        if first is None:
+            first = pending
+            if pending.get("open_files_unsaved"):
+                print(f"sync: {pending['open_files_unsaved']} file(s) open for writing have writes not committed yet; "
+                      f"sync covers what is committed (close or fsync them first)", file=sys.stderr)
+            if interactive:
+                progress = tqdm(total=left, unit="B", unit_scale=True, unit_divisor=1024, desc="sync", file=sys.stderr)
+        failing = pending.get("failing", 0)
+        sample = next(iter(pending.get("failing_sample", {}).values()), "")
+        if progress is not None:
+            progress.n = progress.total - left
+            progress.set_postfix_str(f"{failing} failing" if failing else "", refresh=False)
+            progress.refresh()
+        elif pending["chunks"] and now >= next_line:
+            print(f"sync: {pending['chunks']} chunks ({_format_bytes(left)}) left"
+                  + (f", {failing} failing: {sample}" if failing else ""), file=sys.stderr, flush=True)
+            next_line = now + 5.0
         if not pending["chunks"]:
-            progress.close()
+            if progress is not None:
+                progress.close()
+            print(f"sync: {first['chunks']} chunks ({_format_bytes(first['bytes'])}) uploaded in "
+                  f"{time.monotonic() - started:.1f} s; nothing committed is waiting for the object store")
             return 0
-        if time.monotonic() > deadline:
-            progress.close()
-            raise UsageError(f"{pending['chunks']} chunks ({_format_bytes(left)}) still pending after {args.timeout:.0f} s; see 'datafs status {info.mountpoint}'")
+        if now > deadline:
+            if progress is not None:
+                progress.close()
+            raise UsageError(f"{pending['chunks']} chunks ({_format_bytes(left)}) still pending after {args.timeout:.0f} s"
+                             + (f" ({failing} failing: {sample})" if failing else "")
+                             + f"; see 'datafs status {info.mountpoint}'")
         time.sleep(0.2)
 
 

@@ -84,7 +84,12 @@ class Settings:
     write_buffer_bytes: int = 256 << 20
     upload_concurrency: int = 16
     fsync_waits_upload: bool = False
-    chunk_wait_timeout_seconds: float = 300.0
+    chunk_wait_timeout_seconds: float = 300.0  # a read that needs a chunk it cannot get fails with EIO after this
+    # A write that needs cache space waits for uploads to free some; it fails
+    # with ENOSPC once no upload has finished for this long.
+    write_stall_timeout_seconds: float = 60.0
+    upload_retry_max_seconds: float = 60.0  # the longest backoff between two attempts of a failing upload
+    shutdown_upload_grace_seconds: float = 10.0  # at unmount, how long pending uploads may still finish
     metrics_address: str = ""  # host:port for the Prometheus endpoint; empty = off
     s3_endpoint: str = ""
     s3_region: str = ""
@@ -159,6 +164,9 @@ _CONVERTERS: dict[str, Any] = {
     "attr_timeout_seconds": lambda v: parse_seconds(v, "attribute timeout"),
     "entry_timeout_seconds": lambda v: parse_seconds(v, "entry timeout"),
     "chunk_wait_timeout_seconds": lambda v: parse_seconds(v, "chunk wait timeout"),
+    "write_stall_timeout_seconds": lambda v: parse_seconds(v, "write stall timeout"),
+    "upload_retry_max_seconds": lambda v: parse_seconds(v, "upload retry backoff"),
+    "shutdown_upload_grace_seconds": lambda v: parse_seconds(v, "shutdown upload grace period"),
 }
 
 # Environment names users write: DATAFS_CACHE_SIZE rather than DATAFS_CACHE_SIZE_BYTES.
@@ -169,6 +177,9 @@ _ENV_ALIASES = {
     "ATTR_TIMEOUT": "attr_timeout_seconds",
     "ENTRY_TIMEOUT": "entry_timeout_seconds",
     "CHUNK_WAIT_TIMEOUT": "chunk_wait_timeout_seconds",
+    "WRITE_STALL_TIMEOUT": "write_stall_timeout_seconds",
+    "UPLOAD_RETRY_MAX": "upload_retry_max_seconds",
+    "SHUTDOWN_UPLOAD_GRACE": "shutdown_upload_grace_seconds",
     "META_TIMEOUT": "meta_timeout_seconds",
     "SESSION_TIMEOUT": "session_timeout_seconds",
     "GC_GRACE": "gc_grace_seconds",

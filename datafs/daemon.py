@@ -13,7 +13,12 @@ Start-up order matters for "nothing committed is ever lost":
 5. mount, then resume pending uploads in the background.
 Shutdown (unmount, SIGTERM, SIGINT) commits every file with buffered writes,
 gives pending uploads a short grace period, then exits; what is still pending
-is persisted and resumes at the next start.
+is persisted and resumes at the next start. Nothing waits unbounded on the
+way: requests waiting for a chunk or for cache space are ended (EIO, ENOSPC)
+as soon as the mount is gone or a signal arrives, the last commits wait for
+space at most the write-stall timeout, and uploads the grace period. The
+daemon then leaves an exit report (`exit.json` in the state dir: what could
+not be committed, what is not uploaded yet) that `datafs umount` reads.
 """
 
 from __future__ import annotations
@@ -45,13 +50,16 @@ from .meta.lmdb_kv import LmdbKV
 from .meta.sessions import SessionKeeper
 from .meta.store import MetaStore
 from .tiers.chain import ChunkSource
+from .tiers.faults import wrap_if_enabled as _with_test_faults
 from .tiers.store import open_store
 from .upload import Collector, Uploader
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_UPLOAD_GRACE_SECONDS = 10.0
 STATUS_INTERVAL_SECONDS = 2.0
+#: While requests wait for chunks or space, how often the daemon checks that
+#: its mount is still there (after an unmount it ends those waits).
+UNMOUNT_CHECK_SECONDS = 1.0
 META_SYNC_INTERVAL_SECONDS = 5.0
 
 
@@ -82,6 +90,19 @@ def node_path(state_dir: Path) -> Path:
     return state_dir / "node.json"
 
 
+def exit_report_path(state_dir: Path) -> Path:
+    return state_dir / "exit.json"
+
+
+def read_exit_report(state_dir: Path, pid: int) -> dict | None:
+    """The report the daemon `pid` left when it exited, or None (it crashed)."""
+    try:
+        report = json.loads(exit_report_path(state_dir).read_text())
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) and report.get("pid") == pid else None
+
+
 def read_daemon_pid(state_dir: Path) -> int | None:
     try:
         return int(lock_path(state_dir).read_text().strip() or 0) or None
@@ -108,6 +129,7 @@ class Daemon:
         self.mounted = False
         self.volume: dict = {}
         self._upload_rate = 0.0
+        self.exit_report: dict | None = None  # set at a clean exit
 
     # ---- blocking preparation (before trio starts) ---------------------------------
     def acquire_lock(self) -> None:
@@ -179,6 +201,7 @@ class Daemon:
     def _open_store(self, url: str, endpoint: str, region: str) -> None:
         self.store = open_store(url, s3_endpoint=endpoint, s3_region=region)
         self.store.check()
+        self.store = _with_test_faults(self.store)  # only with DATAFS_FAULTS set (tests)
 
     def _node_identity(self) -> int:
         """This node's id in the volume, kept in the state dir so that a restart
@@ -225,8 +248,14 @@ class Daemon:
         self.cache = ChunkCache(cache_dir, s.cache_size_bytes, s.cache_min_free_bytes)
         self.cache.open()
         self._recover()
-        self.source = ChunkSource(self.cache, self.store, wait_timeout_seconds=s.chunk_wait_timeout_seconds)
-        self.uploader = Uploader(self.meta, self.cache, self.store, self.calls, s.upload_concurrency)
+        self.source = ChunkSource(
+            self.cache, self.store, wait_timeout_seconds=s.chunk_wait_timeout_seconds,
+            space_wait_seconds=s.write_stall_timeout_seconds,
+        )
+        self.uploader = Uploader(
+            self.meta, self.cache, self.store, self.calls, s.upload_concurrency,
+            max_backoff_seconds=s.upload_retry_max_seconds,
+        )
         self.source.connect_uploader(self.uploader)
         orphan_grace = s.orphan_grace_seconds if shared else 0.0
         self.content = ContentService(self.meta, self.source, self.calls, self.uploader.enqueue, s.write_buffer_bytes)
@@ -314,14 +343,15 @@ class Daemon:
             nursery.start_soon(self._sync_periodically)
             nursery.start_soon(self._tune_readahead)
             nursery.start_soon(self._measure_upload_rate)
+            nursery.start_soon(self._end_waits_after_unmount)
             await nursery.start(ControlServer(control_path(self.settings.state_dir), self._control_routes()).run)
             log.info("mounted", extra={
                 "mountpoint": str(self.settings.mountpoint), "store": self.store.describe(),
                 "meta": self.kv.describe(), "volume": self.volume.get("name"), "node": self.meta.node_id,
             })
             await pyfuse3.main()
-            await self.ops.commit_all()
-            with trio.move_on_after(SHUTDOWN_UPLOAD_GRACE_SECONDS):
+            lost = await self._commit_all()
+            with trio.move_on_after(self.settings.shutdown_upload_grace_seconds):
                 await self.uploader.wait_idle()
             if self.uploader.pending_count:
                 log.warning("uploads still pending at exit; they resume at the next start", extra={"chunks": self.uploader.pending_count})
@@ -331,7 +361,56 @@ class Daemon:
                     await self.calls.in_thread(self.meta.flush_counts)
             except MetaUnavailable as exc:
                 log.warning("could not close the session cleanly; it expires by itself", extra={"error": str(exc)})
+            self._write_exit_report(lost)
             nursery.cancel_scope.cancel()
+
+    async def _commit_all(self) -> list[dict]:
+        """Commit what open files still buffer; a commit waiting for cache space
+        waits at most the write-stall timeout in all."""
+        self.source.resume_waits()  # ended for the requests; the last commits may wait again
+        async with trio.open_nursery() as nursery:
+            async def deadline() -> None:
+                await trio.sleep(self.settings.write_stall_timeout_seconds)
+                self.source.abort_waits()
+
+            nursery.start_soon(deadline)
+            lost = await self.ops.commit_all()
+            nursery.cancel_scope.cancel()
+        return lost
+
+    def _write_exit_report(self, lost: list[dict]) -> None:
+        """What `datafs umount` tells the user: files whose writes could not be
+        committed (lost), and committed chunks not in the object store yet."""
+        snapshot = self.uploader.snapshot()
+        report = {
+            "pid": os.getpid(), "time": time.time(), "lost": lost,
+            **{k: snapshot[k] for k in ("pending_chunks", "pending_bytes", "failing_chunks", "failing_sample")},
+        }
+        self.exit_report = report
+        path = exit_report_path(self.settings.state_dir)
+        try:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(report))
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.error("could not write the exit report", extra={"path": str(path), "error": str(exc)})
+
+    async def _end_waits_after_unmount(self) -> None:
+        """After an unmount, pyfuse3.main returns only once every request handler
+        has: a request waiting for a chunk (or for cache space) would hold the
+        daemon, and `datafs umount`, for the whole wait. The kernel has already
+        failed those requests, so end the waits as soon as the mount is gone."""
+        while True:
+            await trio.sleep(UNMOUNT_CHECK_SECONDS)
+            if self.source.waiting and not self._still_mounted():
+                log.info("unmounted while requests were waiting for chunks or space: ending their waits",
+                         extra={"waiting": self.source.waiting})
+                self.source.abort_waits()
+                return
+
+    def _still_mounted(self) -> bool:
+        info = mounts.find_mount(self.settings.mountpoint)
+        return info is not None and info.is_datafs and info.state_dir == self.settings.state_dir
 
     # ---- the control endpoint (datafs status, sync) ----------------------------------
     def _control_routes(self) -> dict:
@@ -344,11 +423,16 @@ class Daemon:
         }
 
     async def _control_status(self, query: dict, body: dict | None) -> dict:
-        """Everything `datafs status` shows, from this daemon's own state."""
-        pending = await self.calls.in_thread(self.meta.pending_uploads)
-        counts = await self.calls(self.meta.counts)
-        now_ns = time.time_ns()
+        """Everything `datafs status` shows, from this daemon's own state. The
+        upload numbers come from one snapshot of the uploader (the same state
+        the metrics show), so failing chunks are always among the pending ones."""
+        try:
+            inodes = (await self.calls(self.meta.counts))["inodes"]
+        except MetaUnavailable:
+            inodes = None  # the engine is away: say so, and report the rest
         snapshot = self.uploader.snapshot()
+        pinned_chunks, pinned_bytes = self.cache.pinned()
+        unsaved = [c for c in self.ops.contents.values() if c.dirty]
         return {
             "pid": os.getpid(),
             "mountpoint": str(self.settings.mountpoint),
@@ -358,14 +442,18 @@ class Daemon:
             "volume_uuid": self.volume.get("uuid"),
             "store": self.store.describe(),
             "node": self.meta.node_id,
-            "inodes": counts["inodes"],
-            "pending_chunks": len(pending),
-            "pending_bytes": sum(p[1] for p in pending),
-            "pending_oldest_seconds": max(((now_ns - p[2]) / 1e9 for p in pending), default=0.0),
+            "inodes": inodes,
+            "pending_chunks": snapshot["pending_chunks"],
+            "pending_bytes": snapshot["pending_bytes"],
+            "pending_oldest_seconds": snapshot["pending_oldest_seconds"],
             "failing_chunks": snapshot["failing_chunks"],
             "failing_sample": snapshot["failing_sample"],
+            "open_files_unsaved": len(unsaved),
+            "open_failing_chunks": snapshot["open_failing_chunks"],
             "upload_bytes_per_second": self._upload_rate,
             "cache_bytes": self.cache.size_bytes,
+            "cache_limit_bytes": self.cache.limit_bytes,
+            "cache_pinned_bytes": pinned_bytes,
             "shared": self.meta.shared,
             "live_nodes": {str(n): r.get("host", "") for n, r in sorted(self.sessions.live.items())},
             "chunks_at_risk": len(self.sessions.at_risk),
@@ -373,12 +461,17 @@ class Daemon:
         }
 
     async def _control_pending(self, query: dict, body: dict | None) -> dict:
-        """Chunks not yet in the object store: this node's, or (with `inodes`)
-        those of the named files, wherever in the fleet they are pending."""
+        """Chunks not yet in the object store: this node's committed ones (from
+        the uploader, as status counts them), or (with `inodes`) those of the
+        named files, wherever in the fleet they are pending."""
         inodes = (body or {}).get("inodes")
         if inodes is None:
-            pending = await self.calls.in_thread(self.meta.pending_uploads)
-            return {"chunks": len(pending), "bytes": sum(p[1] for p in pending), "failing": len(self.uploader.failing)}
+            snapshot = self.uploader.snapshot()
+            return {
+                "chunks": snapshot["pending_chunks"], "bytes": snapshot["pending_bytes"],
+                "failing": snapshot["failing_chunks"], "failing_sample": snapshot["failing_sample"],
+                "open_files_unsaved": sum(1 for c in self.ops.contents.values() if c.dirty),
+            }
         if not isinstance(inodes, list) or not all(isinstance(i, int) for i in inodes):
             raise ControlError(400, "inodes must be a list of inode numbers")
         wanted: dict[str, int] = {}
@@ -386,9 +479,10 @@ class Daemon:
             for ref in (await self.calls(self.meta.chunks, ino)).values():
                 wanted[ref.chunk_id] = ref.length
         pending = {chunk for _, chunk, _ in await self.calls.in_thread(self.meta.all_pending)} & set(wanted)
+        failing = {c: e for c, e in self.uploader.failing.items() if c in pending}
         return {
             "chunks": len(pending), "bytes": sum(wanted[c] for c in pending),
-            "failing": len(pending & set(self.uploader.failing)),
+            "failing": len(failing), "failing_sample": dict(list(failing.items())[:3]),
         }
 
     async def _control_retry(self, query: dict, body: dict | None) -> dict:
@@ -427,6 +521,7 @@ class Daemon:
                     continue
                 log.info("signal received, unmounting", extra={"signal": signal.Signals(signum).name})
                 pyfuse3.terminate()
+                self.source.abort_waits()  # main() returns once no request is left waiting
                 return
 
     async def _sync_periodically(self) -> None:

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import pyfuse3
+import trio
 
 from . import errors, metrics
 from .chunks.content import ContentService, FileContent
@@ -193,6 +194,7 @@ class Operations(pyfuse3.Operations):
         # The last inode record read for each inode open on this node.
         self.open_inodes: dict[int, Inode] = {}
         self._fh = itertools.count(1)
+        self._kernel_limiter = trio.CapacityLimiter(2)  # threads that call into the kernel (invalidations)
         # (size, mtime) of each inode as this node last opened or wrote it.
         self.seen: collections.OrderedDict[int, tuple[int, int]] = collections.OrderedDict()
 
@@ -268,6 +270,20 @@ class Operations(pyfuse3.Operations):
         self.lookups[inode.ino] += 1
         return self._attrs(inode)
 
+    def _forget_dropped_writes(self, content: FileContent) -> None:
+        """A file's uncommitted writes were just dropped: the kernel may still
+        cache their pages and the size they reached. Drop those too, from a
+        worker thread (the kernel waits there for the failed request to end)."""
+        if content.failure is None or pyfuse3.trio_token is None or self.svc.nursery is None:
+            return  # nothing dropped, or not mounted (the Operations called directly)
+        self.svc.nursery.start_soon(self._invalidate, content.ino)
+
+    async def _invalidate(self, ino: int) -> None:
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False, limiter=self._kernel_limiter)
+        except OSError as exc:
+            log.debug("could not invalidate the kernel's cache of an inode", extra={"ino": ino, "error": str(exc)})
+
     def _content(self, inode: Inode) -> FileContent:
         content = self.contents.get(inode.ino)
         if content is None:
@@ -283,7 +299,11 @@ class Operations(pyfuse3.Operations):
 
     async def _truncate(self, node: Inode, size_bytes: int) -> FileContent:
         content = self._content(node)
-        await content.truncate(size_bytes)
+        try:
+            await content.truncate(size_bytes)
+        except errors.FsError:
+            self._forget_dropped_writes(content)
+            raise
         await self._commit(content)
         return content
 
@@ -526,14 +546,24 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_op
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await self._handle(fh).content.write(off, buf)
+        content = self._handle(fh).content
+        try:
+            return await content.write(off, buf)
+        except errors.FsError:
+            self._forget_dropped_writes(content)
+            raise
 
     @_fuse_op
     async def flush(self, fh: int) -> None:
         await self._commit(self._handle(fh).content)
 
     async def _commit(self, content: FileContent) -> None:
-        if await content.commit():
+        try:
+            committed = await content.commit()
+        except errors.FsError:
+            self._forget_dropped_writes(content)
+            raise
+        if committed:
             self._remember(content.ino, content.size, content.committed_mtime_ns)
             if content.committed is not None:
                 self._cache(content.committed)
@@ -615,10 +645,19 @@ class Operations(pyfuse3.Operations):
         await self._m(self.meta.removexattr, inode, name)
 
     # ---- shutdown -------------------------------------------------------------------------
-    async def commit_all(self) -> None:
-        """Commit every file with uncommitted writes (clean unmount, SIGTERM)."""
+    async def commit_all(self) -> list[dict]:
+        """Commit every file with uncommitted writes (clean unmount, SIGTERM).
+        Returns what could not be committed, for the exit report: the files
+        whose writes are lost (inode, size they reached, why)."""
+        lost = []
         for content in list(self.contents.values()):
+            size = content.size
             try:
                 await content.commit()
-            except Exception:
-                log.exception("commit at shutdown failed", extra={"ino": content.ino})
+            except Exception as exc:
+                if not isinstance(exc, errors.FsError):
+                    log.exception("commit at shutdown failed", extra={"ino": content.ino})
+                lost.append({"ino": content.ino, "size_bytes": size, "error": str(exc) or type(exc).__name__})
+        for item in lost:
+            log.error("uncommitted writes lost at shutdown", extra=item)
+        return lost

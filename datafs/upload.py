@@ -7,15 +7,22 @@ nothing, and `Uploader.run` resumes whatever is pending. A pending chunk stays
 pinned in the cache until the store has it. Uploads never give up on a
 committed chunk: temporary and permanent failures alike are retried with capped
 exponential backoff and jitter, and reported in logs, metrics and `status`.
+The uploader is the one source of those numbers: `snapshot()` and the
+`datafs_uploads_*` gauges come from the same state (pending: committed chunks
+not in the store yet; failing: those whose last attempt failed, plus early
+uploads of files still open). Before a chunk leaves, its cache file is
+verified against its name, so a file damaged on the local disk is never
+uploaded under that name.
 
 Chunks also start uploading as soon as they are sealed, before their file is
 committed (`upload_sealed`): that overlaps uploading with writing, and lets a
 file larger than the cache be written, because a sealed chunk the store has
 needs no cache pin. Such an early upload is retried only while the chunk is
-still held for its commit; the commit then queues it as usual, and the
-durable path finds it in the store and only marks it uploaded. A file that is
-never committed (deleted while open, or a crash) may leave its early chunks
-in the store unreferenced.
+still held for its commit (`forget_early` stops it the moment the last hold
+goes); the commit then queues it as usual, and the durable path finds it in
+the store and only marks it uploaded. A file that is never committed (deleted
+while open, a failed close, or a crash) may leave its early chunks in the
+store unreferenced.
 
 On a shared engine the pending set is per node (`u <node> <chunk>`): each node
 uploads what it committed, and the first upload of a chunk clears it for every
@@ -41,7 +48,7 @@ import collections
 import logging
 import random
 import time
-from typing import Callable
+from typing import Callable, Iterable, Mapping
 
 import trio
 
@@ -66,21 +73,27 @@ MARK_BATCH_SECONDS = 0.05
 
 
 class Uploader:
-    def __init__(self, meta: MetaStore, cache: ChunkCache, store: ObjectStore, calls: MetaCalls, concurrency: int = 16):
+    def __init__(
+        self, meta: MetaStore, cache: ChunkCache, store: ObjectStore, calls: MetaCalls, concurrency: int = 16,
+        max_backoff_seconds: float = MAX_BACKOFF_SECONDS,
+    ):
         self.meta = meta
         self.cache = cache
         self.store = store
         self.calls = calls
         self.concurrency = concurrency
+        self.max_backoff_seconds = max_backoff_seconds
         self.limiter = trio.CapacityLimiter(concurrency)
         self._queue: collections.deque[str] = collections.deque()
-        self._queued: set[str] = set()
+        # Committed chunks not in the store yet: chunk -> (size, queued at, ns).
+        self._queued: dict[str, tuple[int, int]] = {}
+        self._queued_bytes = 0
         self._wake = trio.Event()
         self._progress = trio.Event()
         self._retry_now = trio.Event()
         self.failing: dict[str, str] = {}
         self.uploaded_bytes = 0
-        self._early: dict[str, trio.Event] = {}  # early uploads in flight
+        self._early: dict[str, tuple[trio.Event, trio.CancelScope]] = {}  # early uploads in flight
         self._marks: list[tuple[str, bytes, trio.Event, list]] = []
         self._mark_wake = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -93,34 +106,69 @@ class Uploader:
     def pending_count(self) -> int:
         return len(self._queued)
 
-    def enqueue(self, chunk_ids: list[str]) -> None:
-        """Queue newly committed chunks; pins them until they are uploaded."""
+    def enqueue(self, chunk_ids: Iterable[str], sizes: Mapping[str, int] | None = None,
+                since_ns: Mapping[str, int] | None = None) -> None:
+        """Queue newly committed chunks (with their sizes, for status); pins
+        them until they are uploaded."""
+        now = time.time_ns()
+        added = False
         for chunk in chunk_ids:
             if chunk in self._queued:
                 continue
+            size = (sizes or {}).get(chunk, 0)
             self.cache.pin(chunk)
-            self._queued.add(chunk)
+            self._queued[chunk] = (size, (since_ns or {}).get(chunk, now))
+            self._queued_bytes += size
             self._queue.append(chunk)
-        metrics.UPLOADS_PENDING.set(len(self._queued))
-        if chunk_ids:
+            added = True
+        self._publish()
+        if added:
             self._wake.set()
+
+    def _dequeue(self, chunk: str) -> None:
+        size, _ = self._queued.pop(chunk, (0, 0))
+        self._queued_bytes -= size
+
+    def _publish(self) -> None:
+        """Set the gauges from the same state `snapshot` reads."""
+        failing_committed = sum(1 for chunk in self.failing if chunk in self._queued)
+        metrics.UPLOADS_PENDING.set(len(self._queued))
+        metrics.UPLOADS_PENDING_BYTES.set(self._queued_bytes)
+        metrics.UPLOADS_FAILING.labels("committed").set(failing_committed)
+        metrics.UPLOADS_FAILING.labels("open").set(len(self.failing) - failing_committed)
 
     def upload_sealed(self, chunk: str) -> None:
         """Start uploading a chunk that is sealed but not yet committed."""
         if self._nursery is None or chunk in self._early or chunk in self._queued:
             return
-        self._early[chunk] = trio.Event()
+        self._early[chunk] = (trio.Event(), trio.CancelScope())
         self._nursery.start_soon(self._upload_early, chunk)
 
+    def forget_early(self, chunk: str) -> None:
+        """No commit holds this chunk any more (a failed or discarded file):
+        stop its early upload now, and stop reporting it as failing."""
+        if chunk in self._queued:
+            return
+        early = self._early.get(chunk)
+        if early is not None:
+            early[1].cancel()
+        if self.failing.pop(chunk, None) is not None:
+            self._publish()
+
     async def _upload_early(self, chunk: str) -> None:
+        done, scope = self._early[chunk]
         try:
-            if await self._upload(chunk, keep_trying=lambda: self.still_sealed(chunk) and chunk not in self._queued):
-                self.on_stored(chunk)
-                self._signal_progress()
-            elif chunk not in self._queued:  # discarded before it was committed: not a failure to report
-                self.failing.pop(chunk, None)
+            with scope:
+                if await self._upload(chunk, keep_trying=lambda: self.still_sealed(chunk) and chunk not in self._queued):
+                    self.on_stored(chunk)
+                    self._signal_progress()
+            if chunk not in self._queued and not self.still_sealed(chunk):
+                # Discarded before it was committed: not a failure to report.
+                if self.failing.pop(chunk, None) is not None:
+                    self._publish()
         finally:
-            self._early.pop(chunk).set()
+            del self._early[chunk]
+            done.set()
 
     def _signal_progress(self) -> None:
         self._progress.set()
@@ -144,15 +192,22 @@ class Uploader:
 
     async def wait_for(self, chunk_ids: set[str]) -> None:
         """Return once none of `chunk_ids` is pending (fsync with upload wait)."""
-        while chunk_ids & self._queued:
+        while chunk_ids & self._queued.keys():
             await self._progress.wait()
 
-    def snapshot(self) -> dict:
-        """Numbers for `datafs status`."""
+    def snapshot(self, now_ns: int | None = None) -> dict:
+        """Numbers for `datafs status`, `datafs sync` and the exit report, all
+        from one state: failing committed chunks are counted in pending."""
+        now_ns = now_ns or time.time_ns()
+        committed = {c: e for c, e in self.failing.items() if c in self._queued}
+        early = {c: e for c, e in self.failing.items() if c not in self._queued}
         return {
             "pending_chunks": len(self._queued),
-            "failing_chunks": len(self.failing),
-            "failing_sample": dict(list(self.failing.items())[:3]),
+            "pending_bytes": self._queued_bytes,
+            "pending_oldest_seconds": max(((now_ns - since) / 1e9 for _, since in self._queued.values()), default=0.0),
+            "failing_chunks": len(committed),
+            "failing_sample": dict(list((committed or early).items())[:3]),
+            "open_failing_chunks": len(early),
             "uploaded_bytes": self.uploaded_bytes,
         }
 
@@ -160,7 +215,7 @@ class Uploader:
         pending = await self.calls.in_thread(self.meta.pending_uploads)
         if pending:
             log.info("resuming pending uploads", extra={"chunks": len(pending), "size_bytes": sum(p[1] for p in pending)})
-        self.enqueue([chunk for chunk, _, _ in pending])
+        self.enqueue([chunk for chunk, _, _ in pending], {c: size for c, size, _ in pending}, {c: ts for c, _, ts in pending})
         send, receive = trio.open_memory_channel[str](self.concurrency)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -204,12 +259,12 @@ class Uploader:
             async for chunk in receive:
                 early = self._early.get(chunk)
                 if early is not None:  # let it finish: then the store has it, or it stops retrying
-                    await early.wait()
+                    await early[0].wait()
                 await self._upload(chunk)
-                self._queued.discard(chunk)
+                self._dequeue(chunk)
                 self.cache.unpin(chunk)
                 self.on_stored(chunk)
-                metrics.UPLOADS_PENDING.set(len(self._queued))
+                self._publish()
                 self._signal_progress()
 
     async def _upload(self, chunk: str, keep_trying: Callable[[], bool] = lambda: True) -> bool:
@@ -229,6 +284,11 @@ class Uploader:
                 if size < CHECK_BEFORE_PUT_MIN_BYTES or not await trio.to_thread.run_sync(
                     self.store.exists, chunk, limiter=self.limiter,
                 ):
+                    if not await trio.to_thread.run_sync(self.cache.verify, chunk, limiter=self.limiter):
+                        raise errors.StoreError(
+                            f"the cache file of chunk {chunk} is missing or damaged and the object store does not have it",
+                            temporary=False,
+                        )
                     await trio.to_thread.run_sync(self.store.put_file, chunk, path, limiter=self.limiter)
                     metrics.UPLOAD_BYTES.inc(size)
                     self.uploaded_bytes += size
@@ -239,17 +299,20 @@ class Uploader:
                 metrics.UPLOAD_SECONDS.observe(time.monotonic() - started)
                 if self.failing.pop(chunk, None) is not None:
                     log.warning("chunk upload recovered", extra={"chunk": chunk})
+                    self._publish()
                 return True
             except (errors.StoreError, errors.MetaUnavailable, OSError) as exc:
                 metrics.UPLOADS.labels("error").inc()
                 first = chunk not in self.failing
                 self.failing[chunk] = str(exc)
+                if first:
+                    self._publish()
                 (log.warning if first else log.debug)(
                     "chunk upload failed, will retry", extra={"chunk": chunk, "error": str(exc), "retry_in_seconds": round(delay, 2)}
                 )
                 with trio.move_on_after(delay * random.uniform(0.5, 1.0)):
                     await self._retry_now.wait()
-                delay = min(delay * 2, MAX_BACKOFF_SECONDS)
+                delay = min(delay * 2, self.max_backoff_seconds)
         return False
 
 

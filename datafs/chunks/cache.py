@@ -8,6 +8,17 @@ pins are held for chunks that exist nowhere else (sealed but not committed, or
 committed but not yet uploaded). Pins and eviction take the same lock, so a
 chunk cannot be evicted between being pinned and being used.
 
+The limit holds at every moment, not only after the next write: a chunk
+enters only once its bytes are reserved (room made and counted under the
+lock), so concurrent writers cannot all pass the check and then overshoot
+together. When only pinned chunks are left, `put` writes nothing and says so.
+
+Cache files are not trusted blindly: each is hashed against its name the
+first time it is opened after a start, and again whenever its identity,
+size or mtime changed since it was last verified (someone wrote or replaced
+it behind the daemon's back). A file that fails is dropped, so the read
+goes to the object store instead of returning bad bytes.
+
 Open descriptors are kept in a small LRU. Each counts its users, and one that
 is evicted or forgotten is closed only once its last reader is done: a
 descriptor number closed under a reader could be reused by another open, and
@@ -27,6 +38,7 @@ import uuid
 from pathlib import Path
 
 from .. import metrics
+from . import chunk_id as hash_chunk
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +49,22 @@ FD_CACHE_SIZE = 1024
 
 
 class _Open:
-    """A cached chunk's descriptor, with its readers counted."""
+    """A cached chunk's descriptor, with its readers counted, and the file's
+    stamp when it was verified."""
 
-    __slots__ = ("fd", "users", "retired")
+    __slots__ = ("fd", "users", "retired", "stamp")
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, stamp: tuple[int, int, int]):
         self.fd = fd
         self.users = 0
         self.retired = False
+        self.stamp = stamp
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+    """What changes when a file is rewritten or replaced (a hard link, which
+    the embedded store makes, changes none of it)."""
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class ChunkCache:
@@ -58,7 +78,10 @@ class ChunkCache:
         self._lru: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._pins: collections.Counter[str] = collections.Counter()
         self._fds: collections.OrderedDict[str, _Open] = collections.OrderedDict()
+        # Stamps of files verified against their name (written here, or hashed).
+        self._verified: dict[str, tuple[int, int, int]] = {}
         self.size_bytes = 0
+        self.reserved_bytes = 0  # room made for chunks being written now
 
     # ---- start-up ----------------------------------------------------------------
     def open(self) -> None:
@@ -108,35 +131,67 @@ class ChunkCache:
         with self._lock:
             return self._pins.get(chunk_id, 0) > 0
 
+    def pinned(self) -> tuple[int, int]:
+        """(chunks, bytes) pinned in the cache now: held for a commit or an upload."""
+        with self._lock:
+            chunks = [c for c in self._pins if c in self._lru]
+            return len(chunks), sum(self._lru[c] for c in chunks)
+
     def __contains__(self, chunk_id: str) -> bool:
         with self._lock:
             return chunk_id in self._lru
 
     # ---- data ------------------------------------------------------------------------
     def put(self, chunk_id: str, data: bytes | bytearray | memoryview, durable: bool = True) -> bool:
-        """Store a chunk unless present. Returns True if it was written.
+        """Store a chunk unless present. Returns whether the chunk is in the
+        cache now: False means it does not fit (only pinned chunks are left to
+        evict) and nothing was written. A full disk raises OSError(ENOSPC).
         `durable` fsyncs it first: needed for new chunks (nowhere else yet), not
         for chunks fetched from a tier that keeps them (a crash only costs a re-fetch)."""
         with self._lock:
             if chunk_id in self._lru:
                 self._lru.move_to_end(chunk_id)
-                return False
-        self.make_room(len(data))
-        tmp = self.temp_path()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                return True
+        size = len(data)
+        if not self.reserve(size):
+            return False
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            if durable:
-                os.fsync(fd)
-        except BaseException:
+            tmp = self.temp_path()
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                if durable:
+                    os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                tmp.unlink(missing_ok=True)
+                raise
             os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        self.adopt(chunk_id, tmp, len(data))
+            self.adopt(chunk_id, tmp, size)
+        finally:
+            self.unreserve(size)
         return True
+
+    def reserve(self, size_bytes: int) -> bool:
+        """Make room for `size_bytes` (evicting unpinned chunks, oldest first)
+        and count them as used until `unreserve`; False if it does not fit."""
+        free = self.free_disk_bytes()
+        with self._lock:
+            free -= self.reserved_bytes
+            while (self.size_bytes + self.reserved_bytes + size_bytes > self.limit_bytes
+                   or free < self.min_free_bytes + size_bytes):
+                victim = self._pick_victim_locked()
+                if victim is None:
+                    return False
+                free += victim[1]
+            self.reserved_bytes += size_bytes
+            return True
+
+    def unreserve(self, size_bytes: int) -> None:
+        with self._lock:
+            self.reserved_bytes -= size_bytes
 
     def adopt(self, chunk_id: str, tmp: Path, size: int) -> None:
         """Rename a complete, fsynced temp file into place as `chunk_id`."""
@@ -148,17 +203,23 @@ class ChunkCache:
                 self.size_bytes += size
             self._lru[chunk_id] = size
             self._lru.move_to_end(chunk_id)
+            self._verified[chunk_id] = _stamp(os.stat(final))
         metrics.CACHE_BYTES.set(self.size_bytes)
 
     def read(self, chunk_id: str, offset: int, size: int) -> bytes | None:
         """Bytes [offset, offset+size) of a cached chunk, or None if it is not here."""
-        handle = self._acquire(chunk_id)
-        if handle is None:
-            return None
-        try:
-            return os.pread(handle.fd, size, offset)
-        finally:
-            self._done(handle)
+        for _ in range(2):
+            handle = self._acquire(chunk_id)
+            if handle is None:
+                return None
+            try:
+                if _stamp(os.fstat(handle.fd)) == handle.stamp:
+                    return os.pread(handle.fd, size, offset)
+            finally:
+                self._done(handle)
+            # Changed since it was verified: close it; the next open verifies it.
+            self._forget_descriptor(chunk_id, handle)
+        return None
 
     def read_resident(self, chunk_id: str, offset: int, size: int) -> bytes | None:
         """The bytes if the chunk is open and they are in memory now (RWF_NOWAIT),
@@ -172,6 +233,8 @@ class ChunkCache:
         try:
             buf = bytearray(size)
             try:
+                if _stamp(os.fstat(handle.fd)) != handle.stamp:
+                    return None  # changed behind our back: `read` re-verifies it
                 got = os.preadv(handle.fd, [buf], offset, os.RWF_NOWAIT)
             except OSError:  # EAGAIN: not in memory; EOPNOTSUPP: no RWF_NOWAIT here
                 return None
@@ -209,11 +272,17 @@ class ChunkCache:
         # Readers come in 1 MiB requests; ask the kernel to read the whole
         # chunk ahead now instead of a small window per request.
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        stamp = _stamp(os.fstat(fd))
+        with self._lock:
+            known = self._verified.get(chunk_id)
+        if stamp != known and not self._verify(chunk_id, fd, stamp):
+            os.close(fd)
+            return None
         retired = []
         with self._lock:
             handle = self._fds.get(chunk_id)
             if handle is None:
-                handle = self._fds[chunk_id] = _Open(fd)
+                handle = self._fds[chunk_id] = _Open(fd, stamp)
                 fd = -1
                 while len(self._fds) > FD_CACHE_SIZE:
                     retired.append(self._fds.popitem(last=False)[1])
@@ -223,6 +292,41 @@ class ChunkCache:
         for old in retired:
             self._retire(old)
         return handle
+
+    def _verify(self, chunk_id: str, fd: int, stamp: tuple[int, int, int]) -> bool:
+        """Hash a cache file against its name; drop it if it does not match."""
+        data = os.pread(fd, stamp[1] + 1, 0)
+        if len(data) == stamp[1] and hash_chunk(data) == chunk_id:
+            with self._lock:
+                self._verified[chunk_id] = stamp
+            return True
+        pinned = self.is_pinned(chunk_id)
+        log.error(
+            "cache file failed verification, dropped" + (" (it was the only copy: not uploaded yet)" if pinned else ""),
+            extra={"chunk": chunk_id, "path": str(self.path(chunk_id)), "size_bytes": len(data)},
+        )
+        metrics.CACHE_CORRUPT.inc()
+        self.remove(chunk_id)
+        return False
+
+    def verify(self, chunk_id: str) -> bool:
+        """Whether the cache file (present) hashes to its name; a bad one is dropped.
+        The uploader checks this before a chunk leaves for the object store."""
+        try:
+            fd = os.open(self.path(chunk_id), os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            return self._verify(chunk_id, fd, _stamp(os.fstat(fd)))
+        finally:
+            os.close(fd)
+
+    def _forget_descriptor(self, chunk_id: str, handle: _Open) -> None:
+        """Close a chunk's cached descriptor (now or after its last reader)."""
+        with self._lock:
+            if self._fds.get(chunk_id) is handle:
+                del self._fds[chunk_id]
+                self._retire_locked(handle)
 
     def _done(self, handle: _Open) -> None:
         with self._lock:
@@ -252,6 +356,7 @@ class ChunkCache:
             size = self._lru.pop(chunk_id, None)
             if size is not None:
                 self.size_bytes -= size
+            self._verified.pop(chunk_id, None)
             handle = self._fds.pop(chunk_id, None)
         if handle is not None:
             self._retire(handle)
@@ -262,36 +367,32 @@ class ChunkCache:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
 
-    def make_room(self, incoming_bytes: int) -> bool:
-        """Evict unpinned chunks, oldest first, until `incoming_bytes` fit under
-        the limit and above the free-space floor. Returns False if only pinned
-        chunks are left and it still does not fit (the caller may wait for
-        uploads to unpin some, or go ahead and let the disk decide)."""
-        need_free = self.min_free_bytes + incoming_bytes
-        free = self.free_disk_bytes()
-        while self.size_bytes + incoming_bytes > self.limit_bytes or free < need_free:
-            victim = self._pick_victim()
-            if victim is None:
-                return False
-            chunk_id, size = victim
-            metrics.CACHE_EVICTIONS.inc()
-            log.debug("evicted chunk", extra={"chunk": chunk_id, "size_bytes": size})
-            free += size
+    def make_room(self, incoming_bytes: int = 0) -> bool:
+        """Evict unpinned chunks, oldest first, until `incoming_bytes` more fit
+        under the limit and above the free-space floor (0: bring the cache back
+        within them). Returns False if only pinned chunks are left and it still
+        does not fit."""
+        if not self.reserve(incoming_bytes):
+            return False
+        self.unreserve(incoming_bytes)
         return True
 
-    def _pick_victim(self) -> tuple[str, int] | None:
-        with self._lock:
-            for chunk_id, size in self._lru.items():
-                if self._pins.get(chunk_id, 0) == 0:
-                    del self._lru[chunk_id]
-                    self.size_bytes -= size
-                    handle = self._fds.pop(chunk_id, None)
-                    if handle is not None:
-                        self._retire_locked(handle)
-                    # Unlinked under the lock: a concurrent put of the same id
-                    # must not have its fresh file removed by this eviction.
-                    self.path(chunk_id).unlink(missing_ok=True)
-                    return chunk_id, size
+    def _pick_victim_locked(self) -> tuple[str, int] | None:
+        for chunk_id, size in self._lru.items():
+            if self._pins.get(chunk_id, 0) == 0:
+                del self._lru[chunk_id]
+                self.size_bytes -= size
+                self._verified.pop(chunk_id, None)
+                handle = self._fds.pop(chunk_id, None)
+                if handle is not None:
+                    self._retire_locked(handle)
+                # Unlinked under the lock: a concurrent put of the same id
+                # must not have its fresh file removed by this eviction.
+                self.path(chunk_id).unlink(missing_ok=True)
+                metrics.CACHE_EVICTIONS.inc()
+                metrics.CACHE_BYTES.set(self.size_bytes)
+                log.debug("evicted chunk", extra={"chunk": chunk_id, "size_bytes": size})
+                return chunk_id, size
         return None
 
     def close(self) -> None:

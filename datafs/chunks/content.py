@@ -23,17 +23,30 @@ always one complete state of the file.
 Writing a chunk touches the disk once: a buffer that fills up is sealed into the
 cache under its hash at once (no staging file, no copy), and a random write into
 an existing chunk reads the old chunk only when the buffer does not cover it.
+
+Failures are reported where they happen and never half-applied. A writer
+that gets more than `SEALS_AHEAD` chunks ahead of their sealing waits for
+them, so a cache with no room (full of chunks not uploaded yet) makes
+`write()` wait and then fail with ENOSPC, instead of memory filling up and
+`close()` failing later. Once a write, truncate or commit of a file fails,
+its uncommitted state is dropped at once (buffers freed, sealed chunks
+released): the file reads as its last committed version, and every later
+write, flush and fsync reports the same error until the last descriptor is
+closed, so no writer can go on and commit a file with a hole where the lost
+writes were.
 """
 
 from __future__ import annotations
 
+import collections
+import errno
 import logging
 import time
-from typing import Callable, Union
+from typing import Callable, NoReturn, Union
 
 import trio
 
-from .. import metrics
+from .. import errors, metrics
 from ..config import CHUNK_SIZE_BYTES as C
 from . import ZERO_CHUNK
 from ..meta.calls import MetaCalls
@@ -49,6 +62,10 @@ _MISSING = object()
 #: the whole chunk at once. A small file's buffer is then its size, not 4 MiB
 #: of zeroed memory (measured: 0.74 ms of a 16 KiB file's 0.9 ms write).
 SMALL_BUFFER_BYTES = 256 << 10
+#: Full chunks of one file sealed in the background at once; a writer further
+#: ahead waits for the oldest (that is where it feels a full cache). As many
+#: as the disk threads that seal them.
+SEALS_AHEAD = 8
 
 
 class _Buffer:
@@ -124,11 +141,12 @@ class _Buffer:
 
 
 class _Sealing:
-    __slots__ = ("buffer", "done")
+    __slots__ = ("buffer", "done", "scope")
 
     def __init__(self, buffer: _Buffer):
         self.buffer = buffer
         self.done = trio.Event()
+        self.scope = trio.CancelScope()  # cancelled when the file's writes are dropped
 
 
 Entry = Union[_Buffer, _Sealing, ChunkRef, None]
@@ -139,7 +157,7 @@ class ContentService:
 
     def __init__(
         self, meta: MetaStore, source: ChunkSource, calls: MetaCalls,
-        on_committed: Callable[[list[str]], None], write_buffer_bytes: int,
+        on_committed: Callable[[list[str], dict[str, int]], None], write_buffer_bytes: int,
     ):
         self.meta = meta
         self.source = source
@@ -161,8 +179,13 @@ class FileContent:
         self.committed_mtime_ns = 0  # the mtime the last commit recorded
         self.committed: Inode | None = None  # the inode as the last commit left it
         self.dirty = False
+        self.committed_size = size  # what reads fall back to if the writes are dropped
+        # (errno, message) of the failure that dropped this file's writes; every
+        # write and commit reports it until the last descriptor is closed.
+        self.failure: tuple[int, str] | None = None
         self.lock = trio.Lock()
         self._superseded: list[ChunkRef] = []
+        self._sealing: collections.deque[_Sealing] = collections.deque()  # background seals, oldest first
         # The committed chunk list; an empty file has none (no chunk lies past
         # the size), which spares a new file's first write a metadata read.
         self._map: dict[int, ChunkRef] | None = {} if size == 0 else None
@@ -206,17 +229,18 @@ class FileContent:
         if offset >= end:
             return b""
         await self._load_map()
+        deadline = self.svc.source.deadline()  # one chunk wait for the whole request
         pieces = []
         pos = offset
         while pos < end:
             index, start = divmod(pos, C)
             stop = min(C, end - index * C)
-            pieces.append(await self._read_piece(index, start, stop))
+            pieces.append(await self._read_piece(index, start, stop, deadline))
             pos = index * C + stop
         # Most requests fall inside one chunk: hand that piece on uncopied.
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-    async def _read_piece(self, index: int, start: int, stop: int) -> bytes:
+    async def _read_piece(self, index: int, start: int, stop: int, deadline: float) -> bytes:
         # The overlay and the committed chunk list are read together, with no
         # await in between: a commit moves buffered chunks from one to the other
         # in one step, so a chunk list fetched before an earlier piece's await
@@ -226,7 +250,7 @@ class FileContent:
             entry = entry.buffer
         if isinstance(entry, _Buffer):
             if not entry.covers(start, stop) and entry.base is not None:
-                base = await self.svc.source.read(entry.base, 0, entry.base.length)
+                base = await self.svc.source.read(entry.base, 0, entry.base.length, deadline)
                 entry.fill(base)
             return entry.piece(start, stop)
         if entry is _MISSING:
@@ -235,7 +259,7 @@ class FileContent:
             ref, limit = entry, (entry.length if entry else 0)
         data = b""
         if ref is not None and start < limit:
-            data = await self.svc.source.read(ref, start, min(stop, limit) - start)
+            data = await self.svc.source.read(ref, start, min(stop, limit) - start, deadline)
         return data + bytes(stop - start - len(data))
 
     def prefetch(self, first: int, count: int) -> None:
@@ -252,20 +276,85 @@ class FileContent:
     async def write(self, offset: int, buf: bytes) -> int:
         view = memoryview(buf)
         async with self.lock:
-            pos = 0
-            while pos < len(view):
-                index, start = divmod(offset + pos, C)
-                n = min(C - start, len(view) - pos)
-                buffer = await self._buffer_for(index)
-                buffer.write(start, view[pos:pos + n])
-                pos += n
-                if buffer.covers(0, C):
-                    self._seal_in_background(index, buffer)
-            self.size = max(self.size, offset + len(view))
+            if self.failure is not None:
+                await self._raise_failure()
+            try:
+                pos = 0
+                while pos < len(view):
+                    index, start = divmod(offset + pos, C)
+                    n = min(C - start, len(view) - pos)
+                    buffer = await self._buffer_for(index)
+                    buffer.write(start, view[pos:pos + n])
+                    pos += n
+                    self.size = max(self.size, offset + pos)
+                    self.dirty = True
+                    if buffer.covers(0, C):
+                        self._seal_in_background(index, buffer)
+                        await self._keep_up_with_seals()
+            except Exception as exc:
+                await self._fail(exc)
             self.mtime_ns = time.time_ns()
-            self.dirty = True
         metrics.WRITE_BYTES.inc(len(view))
         return len(view)
+
+    async def _keep_up_with_seals(self) -> None:
+        """Wait while this file is more than SEALS_AHEAD chunks ahead of its
+        sealing; raise if a background seal failed."""
+        while len(self._sealing) > SEALS_AHEAD and self.failure is None:
+            await self._sealing[0].done.wait()
+        if self.failure is not None:
+            await self._raise_failure()
+
+    # ---- failures ----------------------------------------------------------------
+    def _note_failure(self, exc: BaseException) -> None:
+        """Remember the first failure; from now on this file's writes are lost."""
+        if self.failure is not None:
+            return
+        if isinstance(exc, errors.FsError):
+            code = exc.errno
+        elif isinstance(exc, OSError):
+            code = exc.errno or errno.EIO
+        else:
+            code = errno.EIO
+            log.error("unexpected error while writing", exc_info=exc, extra={"ino": self.ino})
+        self.failure = (code, str(exc) or type(exc).__name__)
+        metrics.WRITES_DROPPED.labels(errno.errorcode.get(code, str(code))).inc()
+        log.warning(
+            "writes to a file failed; its uncommitted writes are dropped and it keeps its last committed content",
+            extra={"ino": self.ino, "error": self.failure[1], "errno": errno.errorcode.get(code, code),
+                   "committed_size_bytes": self.committed_size, "dropped_size_bytes": self.size},
+        )
+
+    async def _fail(self, exc: BaseException) -> NoReturn:
+        self._note_failure(exc)
+        await self._raise_failure()
+
+    async def _raise_failure(self) -> NoReturn:
+        await self._drop_uncommitted()
+        assert self.failure is not None
+        code, message = self.failure
+        raise errors.FsError(message, code)
+
+    async def _drop_uncommitted(self) -> None:
+        """Forget every uncommitted write (lock held): free the buffers,
+        release the sealed chunks (and so their pins and early uploads), and
+        fall back to the committed size."""
+        for sealing in list(self._sealing):
+            sealing.scope.cancel()
+        for index in list(self.entries):
+            entry = await self._settle(index)
+            if isinstance(entry, _Buffer):
+                self._drop_buffer()
+            elif isinstance(entry, ChunkRef):
+                self.svc.source.release(entry)
+        for ref in self._superseded:
+            self.svc.source.release(ref)
+        self.entries.clear()
+        self._superseded.clear()
+        self.cut = None
+        self.size = self.committed_size
+        self.mtime_ns = None
+        self.dirty = False
 
     async def _settle(self, index: int) -> Entry | object:
         entry = self.entries.get(index, _MISSING)
@@ -278,6 +367,7 @@ class FileContent:
         entry = await self._settle(index)
         if isinstance(entry, _Buffer):
             return entry
+        await self._respect_budget(index)  # before the entry is replaced: it may fail
         if entry is _MISSING:
             await self._load_map()
             base, base_len = self._committed(index)
@@ -286,7 +376,6 @@ class FileContent:
         else:
             base, base_len = entry, entry.length
             self._superseded.append(entry)
-        await self._respect_budget(index)
         buffer = self.entries[index] = _Buffer(base, base_len)
         self.svc.buffers += 1
         return buffer
@@ -305,18 +394,23 @@ class FileContent:
         if self.svc.nursery is None:
             return
         sealing = self.entries[index] = _Sealing(buffer)
+        self._sealing.append(sealing)
         self.svc.nursery.start_soon(self._background_seal, index, sealing)
 
     async def _background_seal(self, index: int, sealing: _Sealing) -> None:
+        """Seal a full buffer; a failure (no room in the cache) is this file's
+        failure: the writer waiting on it, or the next write or commit, reports it."""
+        result: Entry = sealing.buffer
         try:
-            result: Entry = await self._seal_buffer(index, sealing.buffer, upload_now=True)
-        except Exception:
-            log.exception("sealing a chunk failed; it stays buffered", extra={"ino": self.ino, "index": index})
-            result = sealing.buffer
+            with sealing.scope:
+                result = await self._seal_buffer(index, sealing.buffer, upload_now=True)
+        except Exception as exc:
+            self._note_failure(exc)
         finally:
+            self._sealing.remove(sealing)
+            if self.entries.get(index) is sealing:
+                self.entries[index] = result
             sealing.done.set()
-        if self.entries.get(index) is sealing:
-            self.entries[index] = result
 
     async def _seal_buffer(self, index: int, buffer: _Buffer, upload_now: bool = False) -> ChunkRef | None:
         """Seal a buffer into a chunk. `upload_now` (a chunk sealed while the file
@@ -344,45 +438,71 @@ class FileContent:
     # ---- truncate ----------------------------------------------------------------
     async def truncate(self, new_size: int) -> None:
         async with self.lock:
-            if new_size < self.size:
-                self.cut = new_size if self.cut is None else min(self.cut, new_size)
-                keep = (new_size + C - 1) // C
-                for index in [i for i in self.entries if i >= keep]:
-                    entry = await self._settle(index)
-                    if isinstance(entry, _Buffer):
-                        self._drop_buffer()
-                    elif isinstance(entry, ChunkRef):
-                        self._superseded.append(entry)
-                    self.entries.pop(index, None)
-                if new_size % C:
-                    buffer = await self._buffer_for(new_size // C)
-                    buffer.truncate(new_size % C)
-            self.size = new_size
-            self.mtime_ns = time.time_ns()
-            self.dirty = True
+            if self.failure is not None:
+                await self._raise_failure()
+            try:
+                await self._truncate(new_size)
+            except Exception as exc:
+                await self._fail(exc)
+
+    async def _truncate(self, new_size: int) -> None:
+        """(The lock is held.)"""
+        if new_size < self.size:
+            self.cut = new_size if self.cut is None else min(self.cut, new_size)
+            keep = (new_size + C - 1) // C
+            for index in [i for i in self.entries if i >= keep]:
+                entry = await self._settle(index)
+                if isinstance(entry, _Buffer):
+                    self._drop_buffer()
+                elif isinstance(entry, ChunkRef):
+                    self._superseded.append(entry)
+                self.entries.pop(index, None)
+            if new_size % C:
+                buffer = await self._buffer_for(new_size // C)
+                buffer.truncate(new_size % C)
+        self.size = new_size
+        self.mtime_ns = time.time_ns()
+        self.dirty = True
 
     # ---- commit ------------------------------------------------------------------
     async def commit(self) -> bool:
         """Seal what is buffered and record it in one metadata transaction.
-        Returns whether there was anything to commit."""
+        Returns whether there was anything to commit. If it fails, the
+        uncommitted writes are dropped (see the module doc)."""
         async with self.lock:
+            if self.failure is not None:
+                await self._raise_failure()
             if not self.dirty:
                 return False
             changes: dict[int, ChunkRef | None] = {}
-            for index in sorted(self.entries):
-                entry = await self._settle(index)
-                if isinstance(entry, _Buffer):
-                    entry = self.entries[index] = await self._seal_buffer(index, entry)
-                changes[index] = entry  # type: ignore[assignment]
-            drop_from = None if self.cut is None else (self.cut + C - 1) // C
-            mtime_ns = self.mtime_ns or time.time_ns()
-            new_chunks, self.committed = await self.svc.calls.in_thread(
-                self.svc.meta.commit_content, self.ino, self.size, changes, mtime_ns, drop_from,
-            )
+            recorded = False
+            try:
+                for index in sorted(self.entries):
+                    entry = await self._settle(index)
+                    if self.failure is not None:  # a background seal failed
+                        await self._raise_failure()
+                    if isinstance(entry, _Buffer):
+                        entry = self.entries[index] = await self._seal_buffer(index, entry)
+                    changes[index] = entry  # type: ignore[assignment]
+                drop_from = None if self.cut is None else (self.cut + C - 1) // C
+                mtime_ns = self.mtime_ns or time.time_ns()
+                recorded = True
+                new_chunks, self.committed = await self.svc.calls.in_thread(
+                    self.svc.meta.commit_content, self.ino, self.size, changes, mtime_ns, drop_from,
+                )
+            except Exception as exc:
+                if recorded and isinstance(exc, errors.MetaUnavailable):
+                    # A remote engine may still apply a transaction it did not
+                    # confirm: keep its chunks pinned until they are uploaded.
+                    refs = [r for r in changes.values() if r is not None]
+                    self.svc.on_committed([r.chunk_id for r in refs], {r.chunk_id: r.length for r in refs})
+                await self._fail(exc)
             metrics.COMMITS.inc()
-            self.svc.on_committed(new_chunks)  # pins them for upload before the seal pins go
+            sizes = {r.chunk_id: r.length for r in changes.values() if r is not None}
+            self.svc.on_committed(new_chunks, sizes)  # pins them for upload before the seal pins go
             self._apply_commit(changes, drop_from)
             self.committed_mtime_ns = mtime_ns
+            self.committed_size = self.size
             for ref in [r for r in changes.values() if r is not None] + self._superseded:
                 self.svc.source.release(ref)
             self.entries.clear()
@@ -394,14 +514,4 @@ class FileContent:
     async def discard(self) -> None:
         """Forget uncommitted state (the file was deleted while open)."""
         async with self.lock:
-            for index in list(self.entries):
-                entry = await self._settle(index)
-                if isinstance(entry, _Buffer):
-                    self._drop_buffer()
-                elif isinstance(entry, ChunkRef):
-                    self.svc.source.release(entry)
-            for ref in self._superseded:
-                self.svc.source.release(ref)
-            self.entries.clear()
-            self._superseded.clear()
-            self.dirty = False
+            await self._drop_uncommitted()

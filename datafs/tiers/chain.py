@@ -2,11 +2,18 @@
 
 A chunk is looked for in the local cache, then fetched from the object store
 (peers slot in before the store). A fetch is single-flight: concurrent readers
-of one chunk share one request. Every fetched chunk is verified against its
-BLAKE3 id before it is cached or returned; a mismatch is logged loudly and
-fetched again. A chunk that metadata references but the store does not have
-yet (still uploading from another node) is polled for with backoff until
-`wait_timeout_seconds`, then the read fails with EIO.
+of one chunk share one request and its outcome. Every fetched chunk is
+verified against its BLAKE3 id before it is cached or returned; a mismatch is
+logged loudly and fetched again. A chunk that metadata references but the
+store does not have yet (still uploading from another node), or a store that
+does not answer, is retried with backoff until the reader's deadline,
+`wait_timeout_seconds` after its request began; then the read fails with EIO.
+A fetched chunk that does not fit in the cache (full of chunks not uploaded
+yet) is returned without being cached.
+
+Every wait here (for a chunk, for cache space) is interruptible: when the
+mount goes away or the daemon is told to stop, `abort_waits` ends them at
+once with an error, so no request, and no unmount, waits behind them.
 
 Prefetch: a reader that stays sequential asks for a window of following chunks;
 they are fetched into the cache in the background, at most `prefetch_chunks` at
@@ -19,7 +26,10 @@ evicts the only copy), store it, and hand it to the uploader at once: chunks
 are immutable, so they can go to the object store while the file is still
 being written. Once the store has a sealed chunk its pin goes, so a file
 larger than the cache can be written while uploads keep up; the hold stays
-until the commit `release`s it.
+until the commit `release`s it. When the cache is full of pinned chunks the
+sealer waits for uploads; it fails with ENOSPC once no upload has finished
+for `space_wait_seconds` (uploads that keep finishing keep it waiting: that is
+back-pressure, not an error).
 
 All blocking work runs in worker threads, each resource behind its own limiter.
 """
@@ -27,17 +37,19 @@ All blocking work runs in worker threads, each resource behind its own limiter.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import logging
 import random
 import time
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterator
 
 import trio
 
 from .. import errors, metrics
 from ..chunks import chunk_id as hash_chunk
 from ..chunks.cache import ChunkCache
+from ..meta.calls import _ABANDON_KW
 from ..meta.store import ChunkRef
 from .store import ObjectStore
 
@@ -47,6 +59,20 @@ log = logging.getLogger(__name__)
 #: thread hop, which costs more than the copy); larger ones go to a worker
 #: thread, where the copy runs beside the loop instead of blocking it.
 INLINE_READ_MAX_BYTES = 128 << 10
+#: A writer stalled on a full cache asks failing uploads to retry this often,
+#: so a store that came back is noticed before the writer gives up.
+STALL_RETRY_KICK_SECONDS = 5.0
+
+
+class _Fetch:
+    """One fetch in flight; the readers waiting on it share its outcome."""
+
+    __slots__ = ("done", "data", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.data: bytes | None = None
+        self.error: BaseException | None = None
 
 
 class ChunkSource:
@@ -60,7 +86,7 @@ class ChunkSource:
         self.wait_timeout_seconds = wait_timeout_seconds
         self.disk_limiter = trio.CapacityLimiter(disk_concurrency)
         self.store_limiter = trio.CapacityLimiter(fetch_concurrency)
-        self._inflight: dict[str, trio.Event] = {}
+        self._inflight: dict[str, _Fetch] = {}
         self._opening: set[str] = set()  # cached chunks being opened ahead of a reader
         # Chunks the garbage collector is deleting right now: a seal of the
         # same id waits until the deletion is done, then writes it afresh.
@@ -70,8 +96,14 @@ class ChunkSource:
         # chunks, a writer waits this long for uploads to free space, then ENOSPC.
         self.space_wait_seconds = space_wait_seconds
         self.wait_for_uploads: Callable[[], Awaitable[None]] | None = None
-        # Called with each newly sealed chunk id (the uploader starts on it).
+        self.kick_uploads: Callable[[], None] = lambda: None
+        # Called with each newly sealed chunk id (the uploader starts on it),
+        # and with each chunk no commit holds any more (its early upload stops).
         self.on_sealed: Callable[[str], None] = lambda chunk: None
+        self.on_released: Callable[[str], None] = lambda chunk: None
+        # Waits in progress (fetches, space), and whether new ones fail at once.
+        self._waits: set[trio.CancelScope] = set()
+        self.aborting = False
         # Seal holds not yet released, per chunk; and the held chunks the
         # object store already has, whose cache pins were dropped.
         self._held: collections.Counter[str] = collections.Counter()
@@ -81,13 +113,56 @@ class ChunkSource:
     def connect_uploader(self, uploader) -> None:
         """Wire the uploader in: sealed chunks go to it, stalled writers wait on it."""
         self.wait_for_uploads = uploader.wait_progress
+        self.kick_uploads = uploader.retry_now
         self.on_sealed = uploader.upload_sealed
+        self.on_released = uploader.forget_early
         uploader.on_stored = self.mark_stored
         uploader.still_sealed = self.is_sealed
 
+    # ---- waits ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def _wait(self, deadline: float) -> Iterator[trio.CancelScope]:
+        """A scope for one wait: it ends at `deadline` (trio time) or when
+        `abort_waits` is called; the caller checks `cancelled_caught`."""
+        scope = trio.CancelScope(deadline=deadline)
+        if self.aborting:
+            scope.cancel()
+        self._waits.add(scope)
+        try:
+            with scope:
+                yield scope
+        finally:
+            self._waits.discard(scope)
+
+    @property
+    def waiting(self) -> int:
+        """How many requests wait for a chunk or for cache space right now."""
+        return len(self._waits)
+
+    def abort_waits(self) -> None:
+        """End every wait now, and fail new ones at once (the mount is going away)."""
+        self.aborting = True
+        for scope in list(self._waits):
+            scope.cancel()
+
+    def resume_waits(self) -> None:
+        self.aborting = False
+
+    def _gave_up(self, ref: ChunkRef, why: str) -> errors.FsError:
+        metrics.CHUNK_FETCHES.labels(self.store.tier, "error").inc()
+        if self.aborting:
+            why = f"{why}; the mount is stopping"
+        log.error("chunk unavailable", extra={"chunk": ref.chunk_id, "error": why})
+        return errors.FsError(f"chunk {ref.chunk_id}: {why}")
+
     # ---- reads -----------------------------------------------------------------
-    async def read(self, ref: ChunkRef, offset: int, size: int) -> bytes:
-        """Bytes [offset, offset+size) of a chunk (shorter if the chunk is)."""
+    def deadline(self) -> float:
+        """The deadline of a read that starts now (trio time)."""
+        return trio.current_time() + self.wait_timeout_seconds
+
+    async def read(self, ref: ChunkRef, offset: int, size: int, deadline: float | None = None) -> bytes:
+        """Bytes [offset, offset+size) of a chunk (shorter if the chunk is);
+        EIO if the chunk cannot be had by `deadline` (default: the chunk wait)."""
         end = min(offset + size, ref.length)
         if offset >= end:
             return b""
@@ -99,28 +174,41 @@ class ChunkSource:
         if data is not None:
             metrics.READ_BYTES.labels("cache").inc(len(data))
             return data
-        whole = await self.fetch(ref)
+        whole = await self.fetch(ref, deadline)
         metrics.READ_BYTES.labels(self.store.tier).inc(end - offset)
         return whole[offset:end]
 
-    async def fetch(self, ref: ChunkRef) -> bytes:
+    async def fetch(self, ref: ChunkRef, deadline: float | None = None) -> bytes:
         """Bring a chunk into the cache (single-flight) and return its bytes."""
+        if deadline is None:
+            deadline = self.deadline()
         while True:
-            event = self._inflight.get(ref.chunk_id)
-            if event is None:
+            pending = self._inflight.get(ref.chunk_id)
+            if pending is None:
                 break
-            await event.wait()
-            data = await trio.to_thread.run_sync(self.cache.read, ref.chunk_id, 0, ref.length, limiter=self.disk_limiter)
-            if data is not None:
-                return data
-        event = self._inflight[ref.chunk_id] = trio.Event()
+            with self._wait(deadline) as scope:
+                await pending.done.wait()
+            if scope.cancelled_caught:
+                raise self._gave_up(ref, f"not available after {self.wait_timeout_seconds:g} s")
+            if pending.data is not None:
+                return pending.data
+            if pending.error is not None and (trio.current_time() >= deadline or self.aborting):
+                raise errors.FsError(str(pending.error))
+            # It failed for a reader with an earlier deadline: try on our own.
+        pending = self._inflight[ref.chunk_id] = _Fetch()
         try:
-            data = await self._fetch_verified(ref)
+            data = await self._fetch_verified(ref, deadline)
+            # No room (the cache is full of chunks not uploaded yet): the
+            # reader gets the bytes all the same, they are just not kept.
             await trio.to_thread.run_sync(self.cache.put, ref.chunk_id, data, False, limiter=self.disk_limiter)
+            pending.data = data
             return data
+        except Exception as exc:
+            pending.error = exc
+            raise
         finally:
             del self._inflight[ref.chunk_id]
-            event.set()
+            pending.done.set()
 
     def prefetch(self, refs: list[ChunkRef]) -> None:
         """Start background fetches of chunks not cached yet, within the budget;
@@ -165,13 +253,19 @@ class ChunkSource:
         finally:
             self.prefetch_slots += 1
 
-    async def _fetch_verified(self, ref: ChunkRef) -> bytes:
-        deadline = time.monotonic() + self.wait_timeout_seconds
+    async def _fetch_verified(self, ref: ChunkRef, deadline: float) -> bytes:
         delay = 0.05
         while True:
             started = time.monotonic()
             try:
-                data = await trio.to_thread.run_sync(self.store.get, ref.chunk_id, limiter=self.store_limiter)
+                with self._wait(deadline) as scope:
+                    # Abandoned at the deadline: a store that hangs must not
+                    # hold the reader (the thread ends with boto's own timeout).
+                    data = await trio.to_thread.run_sync(
+                        self.store.get, ref.chunk_id, limiter=self.store_limiter, **{_ABANDON_KW: True},
+                    )
+                if scope.cancelled_caught:
+                    raise self._gave_up(ref, f"the object store did not answer within {self.wait_timeout_seconds:g} s")
                 actual = await trio.to_thread.run_sync(hash_chunk, data, limiter=self.disk_limiter)
                 if actual != ref.chunk_id:
                     metrics.CHUNK_FETCHES.labels(self.store.tier, "corrupt").inc()
@@ -184,13 +278,14 @@ class ChunkSource:
                 metrics.CHUNK_FETCH_SECONDS.labels(self.store.tier).observe(time.monotonic() - started)
                 return data
             except errors.StoreError as exc:
-                if not exc.temporary or time.monotonic() + delay > deadline:
-                    metrics.CHUNK_FETCHES.labels(self.store.tier, "error").inc()
-                    log.error("chunk unavailable", extra={"chunk": ref.chunk_id, "error": str(exc)})
-                    raise errors.FsError(f"chunk {ref.chunk_id}: {exc}") from exc
+                if not exc.temporary:
+                    raise self._gave_up(ref, str(exc)) from exc
                 if isinstance(exc, errors.ChunkMissing):
                     log.info("waiting for chunk to appear in the object store", extra={"chunk": ref.chunk_id})
-                await trio.sleep(delay * random.uniform(0.5, 1.0))
+                with self._wait(deadline) as scope:
+                    await trio.sleep(delay * random.uniform(0.5, 1.0))
+                if scope.cancelled_caught:
+                    raise self._gave_up(ref, f"{exc} (gave up after {self.wait_timeout_seconds:g} s)") from exc
                 delay = min(delay * 2, 5.0)
 
     # ---- writes ------------------------------------------------------------------
@@ -224,6 +319,7 @@ class ChunkSource:
         if self._held[chunk] <= 0:
             del self._held[chunk]
             self._stored.discard(chunk)
+            self.on_released(chunk)
 
     def mark_stored(self, chunk: str) -> None:
         """The object store has this chunk now: a held chunk needs no cache pin."""
@@ -242,25 +338,39 @@ class ChunkSource:
     async def _store_with_backpressure(self, chunk: str, data: bytes | bytearray | memoryview) -> None:
         """Put a chunk in the cache. If the cache (its byte limit, or the disk) is
         full of chunks that exist nowhere else yet, wait for uploads to unpin
-        some; after `space_wait_seconds`, fail with ENOSPC. Committed data is
-        never evicted to make room."""
-        deadline = time.monotonic() + self.space_wait_seconds
+        some; once no upload has finished for `space_wait_seconds`, or the
+        mount is stopping, fail with ENOSPC. Committed data is never evicted
+        to make room."""
+        deadline = trio.current_time() + self.space_wait_seconds
+        next_kick = 0.0
+        stalled = False
         while True:
-            if chunk in self.cache:
-                return
-            if await trio.to_thread.run_sync(self.cache.make_room, len(data), limiter=self.disk_limiter):
-                try:
-                    await trio.to_thread.run_sync(self.cache.put, chunk, data, limiter=self.disk_limiter)
+            try:
+                if await trio.to_thread.run_sync(self.cache.put, chunk, data, limiter=self.disk_limiter):
                     return
-                except OSError as exc:
-                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                        raise
-            if self.wait_for_uploads is None or time.monotonic() >= deadline:
-                raise errors.NoSpace("the local cache is full of chunks that are not uploaded yet")
-            metrics.WRITE_STALLS.inc()
-            log.info("cache full of chunks not yet uploaded; writer waits for uploads", extra={"chunk": chunk})
-            with trio.move_on_after(1.0):
+            except OSError as exc:  # the disk under the cache is full
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+            now = trio.current_time()
+            if self.wait_for_uploads is None or now >= deadline or self.aborting:
+                log.warning("cache full of chunks not uploaded yet; the write fails with ENOSPC", extra={
+                    "chunk": chunk, "waited_seconds": self.space_wait_seconds, "stopping": self.aborting,
+                })
+                raise errors.NoSpace(
+                    f"the local cache is full of chunks not in the object store yet, and no upload "
+                    f"finished for {self.space_wait_seconds:g} s"
+                )
+            if not stalled:
+                stalled = True
+                metrics.WRITE_STALLS.inc()
+                log.info("cache full of chunks not yet uploaded; writer waits for uploads", extra={"chunk": chunk})
+            if now >= next_kick:  # a store that came back is noticed now, not after the upload backoff
+                self.kick_uploads()
+                next_kick = now + STALL_RETRY_KICK_SECONDS
+            with self._wait(min(deadline, now + 1.0)) as scope:
                 await self.wait_for_uploads()
+            if not scope.cancelled_caught:  # an upload finished: space may be free, the clock restarts
+                deadline = trio.current_time() + self.space_wait_seconds
 
     def release(self, ref: ChunkRef) -> None:
         """Drop the hold `seal` took (after the commit, or when the file is discarded)."""
