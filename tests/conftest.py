@@ -6,6 +6,10 @@ umount`, then, if that failed, SIGKILL of the daemon by PID and a lazy unmount.
 A missing /dev/fuse fails the tests that need a mount: it must never be skipped
 in CI, where a skip would hide a broken product.
 
+Before a live mount is torn down, `datafs fsck` checks its volume and any
+finding fails the test (as S3QL's suite does); a test that damages a volume
+on purpose sets `mount.fsck_after = False`.
+
 PostgreSQL, for the shared metadata engine: one real server for the whole
 session (`pg_server`, on PG_PORT) and a fresh database per test (`pg_url`). A
 missing PostgreSQL fails those tests, as a missing /dev/fuse does.
@@ -52,6 +56,10 @@ class Mount:
     state_dir: Path
     extra_args: list[str] = dataclasses.field(default_factory=list)
     env: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: Run `datafs fsck` on the live mount at cleanup and fail the test on any
+    #: finding, as S3QL's suite does; tests that damage the volume on purpose
+    #: set it to False.
+    fsck_after: bool = True
 
     @property
     def pid(self) -> int | None:
@@ -84,8 +92,27 @@ class Mount:
         os.kill(pid, signal.SIGKILL)
         _wait_gone(pid)
 
-    def cleanup(self) -> None:
+    def fsck(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return run_cli("fsck", str(self.path), *args, check=False, timeout=timeout)
+
+    def _fsck_complaint(self) -> str | None:
+        """What `datafs fsck` found on this live mount, or None when clean."""
+        pid = self.pid
+        if not (self.fsck_after and pid and pid_alive(pid)):
+            return None
+        try:
+            result = self.fsck(timeout=120)
+        except subprocess.TimeoutExpired:
+            return f"datafs fsck {self.path} did not finish in 120 s"
+        if result.returncode == 0:
+            return None
+        return f"datafs fsck {self.path} after the test exited {result.returncode}:\n{result.stdout}{result.stderr}"
+
+    def cleanup(self) -> str | None:
+        """Unmount, whatever it takes. Returns fsck's complaint, if any."""
+        complaint = None
         if self._mounted_in_table():
+            complaint = self._fsck_complaint()
             result = run_cli("umount", str(self.path), check=False, timeout=60)
             if result.returncode != 0:
                 pid = self.pid
@@ -100,6 +127,7 @@ class Mount:
         if pid and pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
             _wait_gone(pid)
+        return complaint
 
     def _mounted_in_table(self) -> bool:
         target = f" {self.path} "
@@ -127,8 +155,9 @@ def mount_factory(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
         return mount.mount()
 
     yield make
-    for mount in reversed(made):
-        mount.cleanup()
+    complaints = [c for c in (mount.cleanup() for mount in reversed(made)) if c]
+    if complaints:
+        pytest.fail("\n".join(complaints), pytrace=False)
 
 
 @pytest.fixture
