@@ -161,7 +161,7 @@ class Fsck:
                 await self._verify()
         finally:
             db, self._db = self._db, None
-            await self._sql(db.close)
+            db.close()  # no thread uses it now; closing deletes its temporary file
         return self._report(time.monotonic() - started)
 
     def _report(self, seconds: float) -> dict[str, Any]:
@@ -701,6 +701,13 @@ class Fsck:
         if record.refs == 0:
             return  # garbage: nothing needs it
         cached = await self._in_cache(chunk)
+        if tokens and not record.flags & PENDING:
+            owing = ", ".join(str(n) for n in sorted(tokens))
+            await self._settle(Finding(
+                "pending-flag", _chunk_name(raw), f"is owed an upload by node {owing} but not flagged pending upload",
+                "set the flag",
+            ), lambda: self._write(lambda tx: _set_pending_flag(tx, raw)))
+            return
         if tokens:
             if self.node in tokens and cached:
                 self.notes["chunks pending upload from this node"] += 1
@@ -1215,6 +1222,15 @@ def _clear_pending_flag(tx: _Tx, raw: bytes) -> bool:
     if record is None or record.flags & DELETING or not record.flags & PENDING or next(tx.t.scan(b"w" + raw, limit=1), None):
         return False
     record.flags &= ~PENDING
+    tx.t.put(b"r" + raw, record.pack())
+    return True
+
+
+def _set_pending_flag(tx: _Tx, raw: bytes) -> bool:
+    record = tx._ref(raw)
+    if record is None or record.flags & (PENDING | DELETING) or not next(tx.t.scan(b"w" + raw, limit=1), None):
+        return False
+    record.flags |= PENDING
     tx.t.put(b"r" + raw, record.pack())
     return True
 

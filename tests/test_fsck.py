@@ -161,6 +161,8 @@ DAMAGE: dict[str, Callable[[Volume], None]] = {
         t.put(_k_pending(1, v.raw_chunk(v.small)), _u64(1)), t.put(_k_holder(v.raw_chunk(v.small), 1), b""),
         edit_record(t, v.raw_chunk(v.small), flags=PENDING))),
     "pending-flag": lambda v: v.damage(lambda t: edit_record(t, v.raw_chunk(v.small), flags=PENDING)),
+    "pending-flag-unset": lambda v: (_store_lost_a_chunk(v), v.damage(lambda t: (
+        t.put(_k_pending(7, v.raw_chunk(v.big, 1)), _u64(1)), t.put(_k_holder(v.raw_chunk(v.big, 1), 7), b"")))),
     "chunk-missing": _store_lost_a_chunk,
     "object-unreferenced": _stray_object,
 }
@@ -170,6 +172,7 @@ UNREPAIRABLE = {"unreachable"}
 @pytest.mark.parametrize("kind", sorted(DAMAGE))
 async def test_each_kind_of_damage_is_found_and_repaired(volume: Volume, kind: str):
     DAMAGE[kind](volume)
+    kind = kind.removesuffix("-unset")
     report, lines, clean = await volume.fsck(grace_seconds=0)
     assert not clean and kind in report["found"], lines
     assert set(report["found"]) <= {kind, "refcount", "garbage-missing", "nlink"}, lines  # knock-on effects only

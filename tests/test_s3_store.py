@@ -136,6 +136,23 @@ def test_no_prefix_puts_keys_at_the_bucket_root(seaweed: SeaweedServer, aws_env:
     root_store.delete(chunk_id)
 
 
+def test_list_chunks_pages_through_its_prefix_only(seaweed: SeaweedServer, aws_env: dict, tmp_path: Path) -> None:
+    """fsck's listing: every chunk under PREFIX/chunks/ across pages (1000 keys
+    each), in id order, with size and age; nothing else under the prefix and
+    nothing of a neighbouring prefix."""
+    listing = S3Store(BUCKET, f"{PREFIX}/listing", endpoint_url=seaweed.endpoint_url)
+    neighbour = S3Store(BUCKET, f"{PREFIX}/listing-other", endpoint_url=seaweed.endpoint_url)
+    files = [_chunk_file(tmp_path, i.to_bytes(4, "big")) for i in range(1003)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda item: listing.put_file(*item), files))
+    neighbour.put_file(*files[0])
+    seaweed.client().put_object(Bucket=BUCKET, Key=f"{PREFIX}/listing/chunks/README", Body=b"not a chunk")
+    listed = list(listing.list_chunks())
+    assert [c.chunk_id for c in listed] == sorted(chunk for chunk, _ in files)
+    assert {c.size_bytes for c in listed} == {4}
+    assert all(abs(time.time() - c.modified) < 300 for c in listed)
+
+
 def test_concurrent_threads_share_one_client(store: S3Store, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """32 worker threads on one store: no errors and no 'connection pool is full'."""
     files = [_chunk_file(tmp_path, os.urandom(64 * 1024)) for _ in range(64)]
