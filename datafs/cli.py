@@ -21,6 +21,8 @@ from . import __version__, config, logs, mounts
 from .errors import UsageError
 
 DEFAULT_UMOUNT_TIMEOUT_SECONDS = 120.0
+#: After ending stuck reads, how long umount retries while the mount is busy.
+UMOUNT_RETRY_SECONDS = 3.0
 
 
 # ---- mount ----------------------------------------------------------------------------
@@ -212,12 +214,17 @@ def cmd_umount(args: argparse.Namespace) -> int:
     pid = read_daemon_pid(info.state_dir) if info.state_dir else None
     alive = pid is not None and mounts.pid_alive(pid)
     result = _fusermount(Path(info.mountpoint))
+    if result.returncode != 0 and alive and _busy(result) and _interrupt_stuck_readers(info):
+        # Readers stuck on chunks the store cannot give got EIO now: they
+        # may close their files in a moment.
+        until = time.monotonic() + UMOUNT_RETRY_SECONDS
+        while result.returncode != 0 and _busy(result) and time.monotonic() < until:
+            time.sleep(0.1)
+            result = _fusermount(Path(info.mountpoint))
     if result.returncode != 0:
-        detail = (result.stderr or result.stdout).strip().splitlines()
-        reason = detail[-1] if detail else f"exit status {result.returncode}"
-        if "busy" in reason.lower():
+        if _busy(result):
             raise UsageError(f"{info.mountpoint} is busy: close the files and shells using it, then try again")
-        raise UsageError(f"cannot unmount {info.mountpoint}: {reason}")
+        raise UsageError(f"cannot unmount {info.mountpoint}: {_reason(result)}")
     if pid is None:
         return 0
     if not alive:
@@ -234,6 +241,23 @@ def cmd_umount(args: argparse.Namespace) -> int:
             shown = True
         time.sleep(0.05)
     return _report_exit(info, pid)
+
+
+def _reason(result: subprocess.CompletedProcess) -> str:
+    detail = (result.stderr or result.stdout).strip().splitlines()
+    return detail[-1] if detail else f"exit status {result.returncode}"
+
+
+def _busy(result: subprocess.CompletedProcess) -> bool:
+    return "busy" in _reason(result).lower()
+
+
+def _interrupt_stuck_readers(info: mounts.MountInfo) -> bool:
+    """Ask the daemon to end reads waiting for chunks; whether there were any."""
+    try:
+        return bool(_control(info, "POST", "/interrupt").get("ended"))
+    except UsageError:
+        return False
 
 
 def _report_exit(info: mounts.MountInfo, pid: int) -> int:

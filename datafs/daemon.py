@@ -418,6 +418,7 @@ class Daemon:
             ("GET", "/status"): self._control_status,
             ("POST", "/pending"): self._control_pending,
             ("POST", "/retry"): self._control_retry,
+            ("POST", "/interrupt"): self._control_interrupt,
             ("POST", "/fsck"): self._control_fsck,
             ("GET", "/fsck"): self._control_fsck_progress,
         }
@@ -488,6 +489,12 @@ class Daemon:
     async def _control_retry(self, query: dict, body: dict | None) -> dict:
         self.uploader.retry_now()
         return {}
+
+    async def _control_interrupt(self, query: dict, body: dict | None) -> dict:
+        """End the waits of reads stuck on chunks (EIO now): `datafs umount`
+        asks when readers keep the mount busy. A FUSE request the daemon has
+        taken cannot be abandoned by its process, not even with SIGKILL."""
+        return {"ended": self.source.interrupt_reads()}
 
     async def _control_fsck(self, query: dict, body: dict | None) -> dict:
         """`datafs fsck`: check (and with `repair`, fix) the volume beside the

@@ -500,7 +500,9 @@ class Operations(pyfuse3.Operations):
     # ---- files -------------------------------------------------------------------------
     def _open_handle(self, inode: Inode, keep_cache: bool = True) -> pyfuse3.FileInfo:
         fh = next(self._fh)
-        self.handles[fh] = _Handle(inode.ino, self._content(inode))
+        content = self._content(inode)
+        content.opened()
+        self.handles[fh] = _Handle(inode.ino, content)
         self.open_count[inode.ino] += 1
         self.open_inodes[inode.ino] = inode
         # Every change made on this node passes through this kernel, so its

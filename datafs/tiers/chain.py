@@ -101,8 +101,9 @@ class ChunkSource:
         # and with each chunk no commit holds any more (its early upload stops).
         self.on_sealed: Callable[[str], None] = lambda chunk: None
         self.on_released: Callable[[str], None] = lambda chunk: None
-        # Waits in progress (fetches, space), and whether new ones fail at once.
-        self._waits: set[trio.CancelScope] = set()
+        # Waits in progress, by kind ("read": for a chunk, "space": for cache
+        # room), and whether new ones fail at once (the mount is stopping).
+        self._waits: dict[trio.CancelScope, str] = {}
         self.aborting = False
         # Seal holds not yet released, per chunk; and the held chunks the
         # object store already has, whose cache pins were dropped.
@@ -121,18 +122,18 @@ class ChunkSource:
 
     # ---- waits ----------------------------------------------------------------
     @contextlib.contextmanager
-    def _wait(self, deadline: float) -> Iterator[trio.CancelScope]:
+    def _wait(self, deadline: float, kind: str = "read") -> Iterator[trio.CancelScope]:
         """A scope for one wait: it ends at `deadline` (trio time) or when
         `abort_waits` is called; the caller checks `cancelled_caught`."""
         scope = trio.CancelScope(deadline=deadline)
         if self.aborting:
             scope.cancel()
-        self._waits.add(scope)
+        self._waits[scope] = kind
         try:
             with scope:
                 yield scope
         finally:
-            self._waits.discard(scope)
+            del self._waits[scope]
 
     @property
     def waiting(self) -> int:
@@ -144,6 +145,15 @@ class ChunkSource:
         self.aborting = True
         for scope in list(self._waits):
             scope.cancel()
+
+    def interrupt_reads(self) -> int:
+        """End the waits of readers now (their reads fail with EIO), and only
+        those: `datafs umount` of a mount kept busy by readers stuck on
+        chunks. Returns how many were ended."""
+        readers = [scope for scope, kind in self._waits.items() if kind == "read"]
+        for scope in readers:
+            scope.cancel()
+        return len(readers)
 
     def resume_waits(self) -> None:
         self.aborting = False
@@ -367,7 +377,7 @@ class ChunkSource:
             if now >= next_kick:  # a store that came back is noticed now, not after the upload backoff
                 self.kick_uploads()
                 next_kick = now + STALL_RETRY_KICK_SECONDS
-            with self._wait(min(deadline, now + 1.0)) as scope:
+            with self._wait(min(deadline, now + 1.0), "space") as scope:
                 await self.wait_for_uploads()
             if not scope.cancelled_caught:  # an upload finished: space may be free, the clock restarts
                 deadline = trio.current_time() + self.space_wait_seconds
