@@ -98,8 +98,9 @@ class _Progress:
         if state["phase"] != self._phase:
             self.close()
             self._phase = state["phase"]
-            self._bar = tqdm(total=state.get("total"), desc=f"fsck: {self._phase}", file=sys.stderr, leave=False,
-                             unit="B" if verifying else " keys", unit_scale=True, unit_divisor=1024 if verifying else 1000)
+            self._bar = tqdm(total=state.get("total"), initial=state.get("done", 0), desc=f"fsck: {self._phase}",
+                             file=sys.stderr, leave=False, unit="B" if verifying else " keys", unit_scale=verifying,
+                             unit_divisor=1024)
         self._bar.n = state.get("done", 0)
         self._bar.refresh()
 
