@@ -22,14 +22,16 @@ import pytest
 
 from datafs.chunks import chunk_id
 from datafs.chunks.cache import ChunkCache
+from datafs.control import request
 from datafs.config import CHUNK_SIZE_BYTES as C
+from datafs.daemon import control_path
 from datafs.fsck import Fsck, render
 from datafs.meta.calls import MetaCalls
 from datafs.meta.kv import KV, Txn, open_kv
 from datafs.meta.lmdb_kv import LmdbKV
 from datafs.meta.memory_kv import MemoryKV
 from datafs.meta.store import (
-    _CHUNK, _ENTRY, DELETING, PENDING, ROOT_INODE, ChunkRecord, ChunkRef, Inode, MetaStore, _k_dirent, _k_holder,
+    _CHUNK, _ENTRY, PENDING, ROOT_INODE, ChunkRecord, ChunkRef, Inode, MetaStore, _k_dirent, _k_holder,
     _k_inode, _k_pending, _k_seq, _u64,
 )
 from datafs.tiers.file_store import FileStore
@@ -473,6 +475,7 @@ def test_mistakes_are_one_line_and_exit_2(mount_factory, tmp_path: Path):
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert result.stderr.startswith("datafs: ") and message in result.stderr, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1 and not result.stdout, (args, result.stderr)
+    assert request(control_path(m.state_dir), "GET", "/fsck") == {"running": False}  # progress, when idle
     m.umount()
     result = run_cli("fsck", "--state-dir", str(m.state_dir), check=False)
     assert result.returncode == 0 and ": clean" in result.stdout, result.stdout + result.stderr
