@@ -21,10 +21,10 @@ and store objects that no record names yet but that are younger than the GC
 grace (uploaded before their file's commit). Those are counted as notes.
 
 Every repair is a transaction that checks again what it fixes. A count is
-repaired by the discrepancy measured, applied to its current value: every
-correct transaction changes a count and what it counts together, so the
-discrepancy holds while the volume changes and the fix is right whenever it
-lands. An unreferenced object is deleted under the collector's own protocol
+set to what was counted only if it still holds the value seen then (an
+inode: its ctime is unchanged), so two repairs racing from two nodes never
+apply one fix twice; one that changed meanwhile is left for the next run.
+An unreferenced object is deleted under the collector's own protocol
 (DELETING, delete, `finish_delete`), so a commit of the same bytes meanwhile
 re-uploads it. Nothing is re-pointed that cannot be proven: an inode no name
 reaches, a chunk with no copy left and a corrupt cached copy are reported,
@@ -493,7 +493,9 @@ class Fsck:
                 ELSE 0 END
         """
         async for rows in self._candidates(sql, (ROOT_INODE,), batch=RECOUNT_BATCH):
-            for ino, is_dir, nlink, names, expected in await self._view(lambda t: _recount_links(t, [r[0] for r in rows])):
+            for ino, is_dir, nlink, ctime, names, expected in await self._view(
+                lambda t: _recount_links(t, [r[0] for r in rows]),
+            ):
                 who = await self._inode_name(ino)
                 kind = "directory" if is_dir else "file"
                 if names == 0 and ino != ROOT_INODE:
@@ -512,7 +514,7 @@ class Fsck:
                     "nlink", who, f"nlink is {nlink}, but the {kind} has " + (
                         _plural(expected - 2, "subdirectory", "subdirectories") if is_dir else _plural(names, "name")),
                     f"set nlink to {expected}",
-                ), lambda: self._write(lambda tx: _fix_nlink(tx, ino, nlink, expected)))
+                ), lambda: self._write(lambda tx: _fix_nlink(tx, ino, ctime, expected)))
 
     async def _check_orphans(self) -> None:
         self._phase("orphans")
@@ -546,8 +548,7 @@ class Fsck:
         """
         async for rows in self._candidates(sql, batch=RECOUNT_BATCH):
             for raw, record, counted, length in await self._view(lambda t: _recount_refs(t, [r[0] for r in rows])):
-                recorded = record.refs if record else 0
-                delta = recorded - counted
+                recorded = record.refs if record else None
                 chunk = raw.hex()
                 where = None
                 if record is None and self.repair:
@@ -557,15 +558,15 @@ class Fsck:
                     (f"counts {_plural(record.refs, 'reference')}, but is named by {_plural(counted, 'file entry', 'file entries')}"
                      if record else f"is named by {_plural(counted, 'file entry', 'file entries')} but has no chunk record"),
                     f"set the count to {counted}" + ("" if record else " (a new record)"),
-                ), lambda: self._repair_refcount(raw, delta, length, where))
+                ), lambda: self._repair_refcount(raw, recorded, counted, length, where))
 
     async def _where(self, chunk: str) -> str:
         if await self._exists(chunk):
             return "store"
         return "cache" if await self._in_cache(chunk) else "nowhere"
 
-    async def _repair_refcount(self, raw: bytes, delta: int, length: int, where: str | None) -> bool:
-        done, owed = await self._write(lambda tx: _fix_refcount(tx, raw, delta, length, where))
+    async def _repair_refcount(self, raw: bytes, recorded: int | None, counted: int, length: int, where: str | None) -> bool:
+        done, owed = await self._write(lambda tx: _fix_refcount(tx, raw, recorded, counted, length, where))
         self._owe(owed)
         return done
 
@@ -988,9 +989,9 @@ def _pending(t: Txn, raw: bytes, nodes: Iterable[int]) -> tuple[dict[int, bytes]
     return {n: found[_k_pending(n, raw)] for n in wanted if _k_pending(n, raw) in found}, holders
 
 
-def _recount_links(t: Txn, inos: list[int]) -> list[tuple[int, bool, int, int, int]]:
-    """(ino, is_dir, nlink, names, expected nlink) of those of `inos` whose
-    nlink is wrong, counted over every directory entry in this one snapshot."""
+def _recount_links(t: Txn, inos: list[int]) -> list[tuple[int, bool, int, int, int, int]]:
+    """(ino, is_dir, nlink, ctime, names, expected nlink) of those of `inos`
+    whose nlink is wrong, counted over every directory entry in this one snapshot."""
     wanted = set(inos)
     inodes = {}
     for start in range(0, len(inos), PAGE_KEYS):
@@ -1011,7 +1012,7 @@ def _recount_links(t: Txn, inos: list[int]) -> list[tuple[int, bool, int, int, i
         else:
             expected = names[ino]
         if inode.nlink != expected:
-            out.append((ino, inode.is_dir, inode.nlink, names[ino], expected))
+            out.append((ino, inode.is_dir, inode.nlink, inode.ctime_ns, names[ino], expected))
     return out
 
 
@@ -1117,15 +1118,16 @@ def _drop_if_no_inode(tx: _Tx, ino: int, key: bytes) -> bool:
     return True
 
 
-def _fix_nlink(tx: _Tx, ino: int, measured: int, expected: int) -> bool:
-    """The discrepancy measured, applied to the current value. An inode that
-    lost its last name meanwhile (a directory's nlink then drops to 0,
-    whatever it was) is left to a later run."""
+def _fix_nlink(tx: _Tx, ino: int, ctime: int, expected: int) -> bool:
+    """Set nlink to what was counted, if the inode is as it was then: every
+    change to its names (or, for a directory, to its subdirectories) sets
+    its ctime, and so does this fix, so a second repair racing this one
+    (another node's fsck) finds it changed and leaves it."""
     inode = tx.inode(ino)
-    new = inode.nlink - (measured - expected)
-    if (inode.nlink == 0 and measured != 0) or new < 1:
+    if inode.ctime_ns != ctime:
         return False
-    inode.nlink = new
+    inode.nlink = expected
+    inode.ctime_ns = tx.now
     tx.save(inode)
     tx.t.delete(b"o" + _u64(ino))
     return True
@@ -1146,15 +1148,21 @@ def _unmark_orphan(tx: _Tx, ino: int) -> bool:
     return True
 
 
-def _fix_refcount(tx: _Tx, raw: bytes, delta: int, length: int, where: str | None) -> tuple[bool, list[str]]:
-    """Count - delta, with the garbage list kept in step. A chunk with no
+def _fix_refcount(
+    tx: _Tx, raw: bytes, recorded: int | None, counted: int, length: int, where: str | None,
+) -> tuple[bool, list[str]]:
+    """Set the count to what was counted, with the garbage list in step, if
+    it still says what it said then (None: no record). Every transaction
+    moves a count and what it counts together, so an unchanged count means
+    an unchanged number of entries; a second repair racing this one (another
+    node's fsck) finds the count changed and leaves it. A chunk with no
     record gets one: uploaded if the store has it, pending from this node if
     only its cache does (lost otherwise: the presence check says so)."""
     t = tx.t
     record = tx._ref(raw)
-    new = (record.refs if record else 0) - delta
-    if new < 0 or (record is None and new == 0):
+    if (record.refs if record else None) != recorded or (record is None and counted == 0):
         return False, []
+    new = counted
     if record is None:
         record = ChunkRecord(0, length)
         if where == "cache":

@@ -243,15 +243,24 @@ async def test_verify_finds_a_corrupt_object_and_restores_it_from_the_cache(volu
     assert chunk_id(volume.store.get(raw)) == raw
 
 
-async def test_a_repaired_count_is_right_though_the_volume_changed_since_it_was_measured(volume: Volume):
-    """The fix applies the measured discrepancy to the current count."""
-    from datafs.fsck import _fix_refcount
+async def test_a_count_is_repaired_once_though_two_repairs_race(volume: Volume):
+    """Two nodes' fsck --repair measure the same wrong count; only the first
+    fix lands, and a count that changed since it was measured is left alone."""
+    from datafs.fsck import _fix_nlink, _fix_refcount
 
     raw = volume.raw_chunk(volume.small)
-    volume.damage(lambda t: edit_record(t, raw, refs=5))  # one file entry names it: discrepancy 4
-    volume.write(ROOT_INODE, b"copy", b"small file")  # a commit lands after the measurement: 6 and 2
-    volume.meta._write(lambda tx: _fix_refcount(tx, raw, 4, 10, None))
+    volume.damage(lambda t: edit_record(t, raw, refs=5))  # one file entry names it
+    assert volume.meta._write(lambda tx: _fix_refcount(tx, raw, 5, 1, 10, None))[0]
+    assert not volume.meta._write(lambda tx: _fix_refcount(tx, raw, 5, 1, 10, None))[0]
+    volume.write(ROOT_INODE, b"copy", b"small file")  # now 2 and 2
+    assert not volume.meta._write(lambda tx: _fix_refcount(tx, raw, 1, 1, 10, None))[0]
     assert volume.meta.chunk_record(raw.hex())[0] == 2
+
+    volume.damage(lambda t: edit_inode(t, volume.small, nlink=5))
+    ctime = volume.meta.get_inode(volume.small).ctime_ns
+    assert volume.meta._write(lambda tx: _fix_nlink(tx, volume.small, ctime, 2))
+    assert not volume.meta._write(lambda tx: _fix_nlink(tx, volume.small, ctime, 2))
+    assert volume.meta.get_inode(volume.small).nlink == 2
     report, lines, clean = await volume.fsck()
     assert clean, lines
 
