@@ -93,6 +93,8 @@ class Settings:
     metrics_address: str = ""  # host:port for the Prometheus endpoint; empty = off
     s3_endpoint: str = ""
     s3_region: str = ""
+    s3_connect_timeout_seconds: float = 5.0  # an S3 request that cannot connect fails (and is retried) after this
+    s3_read_timeout_seconds: float = 60.0  # an S3 connection silent this long fails (and the request is retried)
 
     ENV_PREFIX = "DATAFS_"
 
@@ -167,6 +169,8 @@ _CONVERTERS: dict[str, Any] = {
     "write_stall_timeout_seconds": lambda v: parse_seconds(v, "write stall timeout"),
     "upload_retry_max_seconds": lambda v: parse_seconds(v, "upload retry backoff"),
     "shutdown_upload_grace_seconds": lambda v: parse_seconds(v, "shutdown upload grace period"),
+    "s3_connect_timeout_seconds": lambda v: parse_seconds(v, "S3 connect timeout"),
+    "s3_read_timeout_seconds": lambda v: parse_seconds(v, "S3 read timeout"),
 }
 
 # Environment names users write: DATAFS_CACHE_SIZE rather than DATAFS_CACHE_SIZE_BYTES.
@@ -180,6 +184,8 @@ _ENV_ALIASES = {
     "WRITE_STALL_TIMEOUT": "write_stall_timeout_seconds",
     "UPLOAD_RETRY_MAX": "upload_retry_max_seconds",
     "SHUTDOWN_UPLOAD_GRACE": "shutdown_upload_grace_seconds",
+    "S3_CONNECT_TIMEOUT": "s3_connect_timeout_seconds",
+    "S3_READ_TIMEOUT": "s3_read_timeout_seconds",
     "META_TIMEOUT": "meta_timeout_seconds",
     "SESSION_TIMEOUT": "session_timeout_seconds",
     "GC_GRACE": "gc_grace_seconds",

@@ -199,7 +199,10 @@ class Daemon:
             )
 
     def _open_store(self, url: str, endpoint: str, region: str) -> None:
-        self.store = open_store(url, s3_endpoint=endpoint, s3_region=region)
+        self.store = open_store(url, s3_endpoint=endpoint, s3_region=region, s3_timeouts={
+            "connect_timeout_seconds": self.settings.s3_connect_timeout_seconds,
+            "read_timeout_seconds": self.settings.s3_read_timeout_seconds,
+        })
         self.store.check()
         self.store = _with_test_faults(self.store)  # only with DATAFS_FAULTS set (tests)
 

@@ -136,14 +136,17 @@ def _config(*, connect_timeout: float, read_timeout: float, max_attempts: int, r
 class S3Store(ObjectStore):
     tier = "store"
 
-    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None):
+    def __init__(
+        self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None, *,
+        connect_timeout_seconds: float = CONNECT_TIMEOUT_SECONDS, read_timeout_seconds: float = READ_TIMEOUT_SECONDS,
+    ):
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         session = boto3.session.Session()
         self.region = region or session.region_name or DEFAULT_REGION
         self._client = session.client(
             "s3", endpoint_url=endpoint_url,
-            config=_config(connect_timeout=CONNECT_TIMEOUT_SECONDS, read_timeout=READ_TIMEOUT_SECONDS,
+            config=_config(connect_timeout=connect_timeout_seconds, read_timeout=read_timeout_seconds,
                            max_attempts=2, region=self.region),
         )
         # A separate client for `check()` only: short timeouts and no retries,

@@ -73,7 +73,7 @@ class ObjectStore(abc.ABC):
         return type(self).__name__
 
 
-def open_store(url: str, *, s3_endpoint: str = "", s3_region: str = "") -> ObjectStore:
+def open_store(url: str, *, s3_endpoint: str = "", s3_region: str = "", s3_timeouts: dict | None = None) -> ObjectStore:
     """An object store by URL: `file:///path` or `s3://bucket[/prefix]`."""
     scheme, sep, rest = url.partition("://")
     if not sep:
@@ -92,5 +92,5 @@ def open_store(url: str, *, s3_endpoint: str = "", s3_region: str = "") -> Objec
         bucket, _, prefix = rest.partition("/")
         if not bucket:
             raise UsageError(f"invalid store URL {url!r}: missing bucket name")
-        return S3Store(bucket, prefix, endpoint_url=s3_endpoint or None, region=s3_region or None)
+        return S3Store(bucket, prefix, endpoint_url=s3_endpoint or None, region=s3_region or None, **(s3_timeouts or {}))
     raise UsageError(f"unsupported store {scheme!r} in {url!r}: use file:// or s3://")
