@@ -310,14 +310,19 @@ class ChunkCache:
         return False
 
     def verify(self, chunk_id: str) -> bool:
-        """Whether the cache file (present) hashes to its name; a bad one is dropped.
+        """Whether the cache file is there and holds its chunk (hashed unless it
+        is unchanged since it was written or verified); a bad one is dropped.
         The uploader checks this before a chunk leaves for the object store."""
         try:
             fd = os.open(self.path(chunk_id), os.O_RDONLY)
         except FileNotFoundError:
             return False
         try:
-            return self._verify(chunk_id, fd, _stamp(os.fstat(fd)))
+            stamp = _stamp(os.fstat(fd))
+            with self._lock:
+                if self._verified.get(chunk_id) == stamp:
+                    return True
+            return self._verify(chunk_id, fd, stamp)
         finally:
             os.close(fd)
 
