@@ -19,8 +19,11 @@ upload grace at unmount (1 s).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
+import io
+import json
 import os
 import random
 import signal
@@ -437,3 +440,52 @@ def test_umount_reports_a_daemon_that_died(mount_factory):
     m.kill()
     dead = run_cli("status", str(m.path), check=False)
     assert dead.returncode != 0 and "not running" in dead.stderr, dead.stderr
+
+
+def test_writes_that_cannot_be_committed_at_shutdown_are_reported(tmp_path, s3, bucket, faults):
+    """SIGTERM while a file holds writes the full cache cannot take: the
+    daemon waits the stall timeout for space, then says which file lost what
+    (log, exit report) and exits 1; `datafs umount` prints the same report."""
+    mnt, state = tmp_path / "fg-mnt", tmp_path / "fg-state"
+    mnt.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATAFS_")}
+    env.update({**s3.aws_env(), **FAST, "DATAFS_FAULTS": str(faults.path)})
+    log_path = tmp_path / "daemon.log"  # a foreground daemon logs to stderr
+    with open(log_path, "w") as log:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "datafs", "mount", str(mnt), "--foreground", "--state-dir", str(state),
+             "--store", f"s3://{bucket}/fleet", "--s3-endpoint", s3.endpoint_url, "--cache-size", "8M"],
+            env=env, stdout=subprocess.DEVNULL, stderr=log,
+        )
+    try:
+        assert eventually(lambda: any(f" {mnt} " in line for line in open("/proc/self/mountinfo")), timeout=30)
+        faults.set(down=True)
+        write(mnt / "fills-the-cache", os.urandom(2 * C))  # committed, pinned until uploaded: the cache is full
+        fd = os.open(mnt / "open", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, b"buffered, not committed" * 1000)
+        ino = os.fstat(fd).st_ino
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=WAIT + 30) == 1
+        with contextlib.suppress(OSError):
+            os.close(fd)  # (ENOTCONN: the mount is gone; the descriptor is closed all the same)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+    report = json.loads((state / "exit.json").read_text())
+    assert [item["ino"] for item in report["lost"]] == [ino] and "cache is full" in report["lost"][0]["error"]
+    assert report["pending_chunks"] == 2 and report["failing_chunks"] == 2
+    assert "uncommitted writes lost at shutdown" in log_path.read_text()
+    # What `datafs umount` prints from such a report.
+    from datafs import cli
+    from datafs.mounts import MountInfo
+
+    info = MountInfo(str(mnt), "fuse.datafs", f"datafs:{state}", "0:0")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert cli._report_exit(info, report["pid"]) == 1
+    lines = err.getvalue().splitlines()
+    assert lines[0].startswith(f"datafs: inode {ino} (") and "not committed" in lines[0]
+    assert "2 committed chunks" in lines[1] and "upload when" in lines[1]
+    assert "1 file(s) could not be committed" in lines[2]
