@@ -208,9 +208,13 @@ class ChunkSource:
         pending = self._inflight[ref.chunk_id] = _Fetch()
         try:
             data = await self._fetch_verified(ref, deadline)
-            # No room (the cache is full of chunks not uploaded yet): the
-            # reader gets the bytes all the same, they are just not kept.
-            await trio.to_thread.run_sync(self.cache.put, ref.chunk_id, data, False, limiter=self.disk_limiter)
+            # No room (the cache is full of chunks not uploaded yet), or the
+            # cache's disk fails: the reader gets the bytes all the same, they
+            # are just not kept.
+            try:
+                await trio.to_thread.run_sync(self.cache.put, ref.chunk_id, data, False, limiter=self.disk_limiter)
+            except OSError as exc:
+                log.warning("could not keep a fetched chunk in the cache", extra={"chunk": ref.chunk_id, "error": str(exc)})
             pending.data = data
             return data
         except Exception as exc:
