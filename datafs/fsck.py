@@ -65,6 +65,10 @@ IO_CONCURRENCY = 8
 #: A pending upload whose chunk the store has is stale only if it is still
 #: there this much later (the uploader marks its uploads in batches).
 PENDING_SETTLE_SECONDS = 1.0
+#: Tries of a store request that fails with a temporary error, backing off
+#: from STORE_RETRY_SECONDS (the daemon's own callers retry the same way).
+STORE_ATTEMPTS = 5
+STORE_RETRY_SECONDS = 0.2
 #: Findings kept per kind for the report; beyond it they are only counted.
 REPORT_LIMIT = 1000
 
@@ -312,11 +316,17 @@ class Fsck:
             await self._probe_store()
             return
         sql = "INSERT OR REPLACE INTO obj VALUES (?, ?, ?)"
+        failures = 0
         while True:
             try:
                 batch = await self._io(lambda: list(itertools.islice(listing, PAGE_KEYS)))
             except StoreError as exc:
-                raise FsckError(f"cannot list the object store {self.store.describe()}: {exc}") from None
+                failures += 1
+                if not exc.temporary or failures >= STORE_ATTEMPTS:
+                    raise FsckError(f"cannot list the object store {self.store.describe()}: {exc}") from None
+                await trio.sleep(STORE_RETRY_SECONDS * 2 ** failures)
+                listing = self.store.list_chunks()  # from the start: rows already copied are replaced
+                continue
             if not batch:
                 return
             await self._sql(self._insert, [(sql, [(bytes.fromhex(o.chunk_id), o.size_bytes, o.modified) for o in batch])])
@@ -349,7 +359,7 @@ class Fsck:
     # ---- store and cache, asked again ---------------------------------------------------
     async def _exists(self, chunk: str) -> bool:
         try:
-            return await self._io(self.store.exists, chunk)
+            return await self._io(_retrying, self.store.exists, chunk)
         except StoreError as exc:
             raise FsckError(f"the object store {self.store.describe()} did not answer: {exc}") from None
 
@@ -762,7 +772,7 @@ class Fsck:
         if not await self._write(lambda tx: _claim_unreferenced(tx, raw, size)):
             return False
         try:
-            await self._io(self.store.delete, raw.hex())
+            await self._io(_retrying, self.store.delete, raw.hex())
         except StoreError as exc:
             log.warning("fsck: deleting an unreferenced object failed", extra={"chunk": raw.hex(), "error": str(exc)})
             return False
@@ -805,7 +815,7 @@ class Fsck:
         read = 0
         for _ in range(2):
             try:
-                data = self.store.get(chunk)
+                data = _retrying(self.store.get, chunk)
             except ChunkMissing:
                 return False, read  # deleted meanwhile: not a copy any more
             except StoreError as exc:
@@ -848,12 +858,26 @@ class Fsck:
         if data is None or hash_chunk(data) != chunk:
             return False
         try:
-            self.store.delete(chunk)  # a file store keeps an existing object
-            self.store.put_file(chunk, self.cache.path(chunk))
-            return hash_chunk(self.store.get(chunk)) == chunk
+            _retrying(self.store.delete, chunk)  # a file store keeps an existing object
+            _retrying(self.store.put_file, chunk, self.cache.path(chunk))
+            return hash_chunk(_retrying(self.store.get, chunk)) == chunk
         except StoreError as exc:
             log.warning("fsck: re-uploading a corrupt object failed", extra={"chunk": chunk, "error": str(exc)})
             return False
+
+
+def _retrying(fn: Callable[..., Any], *args: Any) -> Any:
+    """A blocking store call, tried again after temporary errors (not after
+    ChunkMissing, which answers the question)."""
+    for attempt in range(STORE_ATTEMPTS):
+        try:
+            return fn(*args)
+        except ChunkMissing:
+            raise
+        except StoreError as exc:
+            if not exc.temporary or attempt == STORE_ATTEMPTS - 1:
+                raise
+            time.sleep(STORE_RETRY_SECONDS * 2 ** attempt)
 
 
 # ---- parsing pages into scratch rows -------------------------------------------------------------

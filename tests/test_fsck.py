@@ -498,3 +498,30 @@ def test_a_shared_volume_is_checked_through_a_mount(pg_url, mount_factory, tmp_p
     m.umount()
     result = run_cli("fsck", "--state-dir", str(state_dir), check=False)
     assert result.returncode == 2 and "is a node of the shared volume" in result.stderr, result.stderr
+
+
+async def test_a_flaky_store_is_asked_again(volume: Volume, monkeypatch: pytest.MonkeyPatch):
+    """Temporary store errors (500, SlowDown) are retried, as the daemon's own
+    callers retry them; fsck fails only if the store stays down."""
+    from datafs.errors import StoreError
+
+    monkeypatch.setattr("datafs.fsck.STORE_RETRY_SECONDS", 0.001)
+    real_list, real_get = volume.store.list_chunks, volume.store.get
+    failures = {"list": 1, "get": 1}
+
+    def flaky(name, real):
+        def call(*args):
+            if failures[name]:
+                failures[name] -= 1
+                raise StoreError("503 SlowDown", temporary=True)
+            return real(*args)
+        return call
+
+    def listing():
+        yield from flaky("list", real_list)()
+
+    monkeypatch.setattr(volume.store, "list_chunks", listing)
+    monkeypatch.setattr(volume.store, "get", flaky("get", real_get))
+    report, lines, clean = await volume.fsck(verify=True)
+    assert clean and report["counts"]["objects"] == 3, lines
+    assert failures == {"list": 0, "get": 0}
