@@ -88,6 +88,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         "meta": args.meta,
         "volume": args.volume,
         "meta_password_file": args.meta_password_file,
+        "peer_listen": args.peer_listen,
+        "peer_secret_file": args.peer_secret_file,
         "store": args.store,
         "cache_dir": args.cache_dir,
         "cache_size_bytes": args.cache_size,
@@ -337,6 +339,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if st.get("shared"):
         nodes = ", ".join(f"{n} ({host})" if host else n for n, host in st["live_nodes"].items())
         print(f"live nodes:       {nodes or 'none'}")
+        if st.get("peer_listen"):
+            peers = ", ".join(f"{n} ({a})" for n, a in st.get("peer_members", {}).items())
+            print(f"peer tier:        serving on {st['peer_listen']}; members {peers or 'none'}; {st.get('shares_pending', 0)} chunks being shared")
         print(f"chunks at risk:   {st['chunks_at_risk']}" + (" (committed, not uploaded, on nodes that are gone)" if st["chunks_at_risk"] else ""))
         for item in st.get("at_risk_sample", []):
             print(f"  {item['chunk'][:16]}... only on node {item['node']}")
@@ -444,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--meta", help="metadata engine: postgresql://USER@HOST:PORT/DB shares one namespace between nodes (default: embedded LMDB in STATE_DIR)")
     mount.add_argument("--volume", help="volume name inside the metadata engine (default: default)")
     mount.add_argument("--meta-password-file", help="file holding the metadata engine's password (else DATAFS_META_PASSWORD, PGPASSWORD or ~/.pgpass)")
+    mount.add_argument("--peer-listen", help="serve and read chunks between nodes: HOST:PORT to listen on, also the address the others use (needs --meta and the fleet secret)")
+    mount.add_argument("--peer-secret-file", help="file holding the fleet secret peers sign requests with (else DATAFS_PEER_SECRET)")
     mount.add_argument("--store", help="object store URL: file:///PATH (default: STATE_DIR/store) or s3://BUCKET[/PREFIX]; recorded in the volume at its first mount")
     mount.add_argument("--s3-endpoint", help="S3 endpoint URL for MinIO, SeaweedFS, ... (default: AWS)")
     mount.add_argument("--cache-dir", help="local chunk cache directory (default: STATE_DIR/cache)")

@@ -67,6 +67,11 @@ class Settings:
     # are freed; both cover nodes that may still use them.
     gc_grace_seconds: float = 3600.0
     orphan_grace_seconds: float = 30.0
+    # The peer tier: HOST:PORT to serve chunks on, and the address the other
+    # nodes use; empty runs no peer server and reads no peers.
+    peer_listen: str = ""
+    peer_secret_file: Path | None = None  # else DATAFS_PEER_SECRET
+    peer_timeout_seconds: float = 5.0  # each read or write to a peer; connecting takes at most 2 s
     store: str = ""  # URL; empty means file://<state_dir>/store
     cache_dir: Path | None = None  # default <state_dir>/cache
     cache_size_bytes: int = 50 << 30
@@ -118,6 +123,19 @@ class Settings:
     def shared_meta(self) -> bool:
         return bool(self.meta) and not self.meta.startswith("lmdb://")
 
+    def peer_secret(self) -> bytes:
+        """The fleet secret peers sign their requests with (at least 16 bytes)."""
+        if self.peer_secret_file is not None:
+            try:
+                secret = self.peer_secret_file.read_bytes().strip()
+            except OSError as exc:
+                raise UsageError(f"cannot read the peer secret file {self.peer_secret_file}: {exc.strerror}") from None
+        else:
+            secret = os.environ.get("DATAFS_PEER_SECRET", "").encode()
+        if len(secret) < 16:
+            raise UsageError("--peer-listen needs the fleet secret (at least 16 bytes) in DATAFS_PEER_SECRET or --peer-secret-file")
+        return secret
+
     def meta_password(self) -> str | None:
         """The metadata engine's password, from a file or DATAFS_META_PASSWORD;
         None lets libpq use PGPASSWORD or ~/.pgpass."""
@@ -146,6 +164,14 @@ class Settings:
             raise UsageError(f"invalid volume name {self.volume!r}: letters, digits, '.', '_' and '-', at most 63")
         if self.meta_password_file is not None:
             self.meta_password_file = Path(os.path.abspath(os.path.expanduser(self.meta_password_file)))
+        if self.peer_secret_file is not None:
+            self.peer_secret_file = Path(os.path.abspath(os.path.expanduser(self.peer_secret_file)))
+        if self.peer_listen:
+            host, sep, port = self.peer_listen.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise UsageError(f"invalid --peer-listen {self.peer_listen!r}: expected HOST:PORT, e.g. 10.0.0.5:9400")
+            if not self.shared_meta:
+                raise UsageError("--peer-listen needs a shared metadata engine (--meta postgresql://...)")
         return self
 
 
@@ -153,6 +179,8 @@ _CONVERTERS: dict[str, Any] = {
     "state_dir": Path,
     "cache_dir": Path,
     "meta_password_file": Path,
+    "peer_secret_file": Path,
+    "peer_timeout_seconds": lambda v: parse_seconds(v, "peer timeout"),
     "meta_timeout_seconds": lambda v: parse_seconds(v, "metadata timeout"),
     "session_timeout_seconds": lambda v: parse_seconds(v, "session timeout"),
     "gc_grace_seconds": lambda v: parse_seconds(v, "garbage-collection grace period"),
@@ -190,6 +218,7 @@ _ENV_ALIASES = {
     "SESSION_TIMEOUT": "session_timeout_seconds",
     "GC_GRACE": "gc_grace_seconds",
     "ORPHAN_GRACE": "orphan_grace_seconds",
+    "PEER_TIMEOUT": "peer_timeout_seconds",
 }
 
 
@@ -211,7 +240,7 @@ def from_env(environ: dict[str, str] | None = None) -> Settings:
     settings = Settings()
     names = {f.name for f in dataclasses.fields(Settings)}
     for key, raw in environ.items():
-        if not key.startswith(Settings.ENV_PREFIX) or key in ("DATAFS_DATA_DIR", "DATAFS_META_PASSWORD"):
+        if not key.startswith(Settings.ENV_PREFIX) or key in ("DATAFS_DATA_DIR", "DATAFS_META_PASSWORD", "DATAFS_PEER_SECRET"):
             continue
         short = key[len(Settings.ENV_PREFIX):]
         name = _ENV_ALIASES.get(short, short.lower())

@@ -30,6 +30,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -37,7 +38,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import mounts
+from . import errors, mounts
 from .control import ControlError, ControlServer
 from .chunks.cache import FD_CACHE_SIZE, ChunkCache
 from .chunks.content import ContentService
@@ -48,7 +49,7 @@ from .meta.calls import MetaCalls
 from .meta.kv import KV
 from .meta.lmdb_kv import LmdbKV
 from .meta.sessions import SessionKeeper
-from .meta.store import MetaStore
+from .meta.store import ChunkRef, MetaStore
 from .tiers.chain import ChunkSource
 from .tiers.faults import wrap_if_enabled as _with_test_faults
 from .tiers.store import open_store
@@ -276,12 +277,65 @@ class Daemon:
         )
         self.ops.on_inode_deleted = self.collector.wake
         self.collector.on_inode_deleted = self.collector.wake
+        self.peer_tier = self.peer_server = None
+        if s.peer_listen:
+            self._prepare_peers()
         self.sessions = SessionKeeper(
             self.meta, self.calls, open_inodes=lambda: set(self.ops.open_count),
-            info={"mountpoint": str(s.mountpoint), "state_dir": str(s.state_dir)},
+            info={"mountpoint": str(s.mountpoint), "state_dir": str(s.state_dir), "peer": s.peer_listen},
             timeout_seconds=s.session_timeout_seconds,
             heartbeat_seconds=max(0.5, min(5.0, s.session_timeout_seconds / 6)),
         )
+
+    def _prepare_peers(self) -> None:
+        """The peer tier: a server for the other nodes, and a tier in this
+        node's read chain that asks them first. Members come from the live
+        sessions, so a node that stops heartbeating drops out by itself."""
+        from .peers.client import PeerClient
+        from .peers.server import PeerServer
+        from .peers.tier import PeerTier
+
+        s = self.settings
+        secret = s.peer_secret()
+        host, _, port = s.peer_listen.rpartition(":")
+        try:  # fail at mount time, not after the mount is up
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((host.strip("[]"), int(port)))
+        except OSError as exc:
+            raise UsageError(f"cannot listen on --peer-listen {s.peer_listen}: {exc.strerror}") from None
+        self.peer_client = PeerClient(secret, io_timeout_seconds=s.peer_timeout_seconds)
+        self.peer_tier = PeerTier(
+            self.meta.node_id, self.peer_client, self.cache,
+            members=lambda: self.sessions.peers,
+            holders=lambda chunk: self.calls(self.meta.chunk_holders, chunk),
+        )
+        self.source.peers = self.peer_tier
+        self.peer_server = PeerServer(host.strip("[]"), int(port), secret, self.cache, on_miss=self._serve_miss,
+                                      read_timeout_seconds=s.peer_timeout_seconds)
+        enqueue = self.content.on_committed
+
+        def committed(chunks: list[str]) -> None:
+            enqueue(chunks)
+            self.peer_tier.share(chunks)
+
+        self.content.on_committed = committed
+
+    async def _serve_miss(self, chunk: str) -> bool:
+        """A peer asks for a chunk this node does not have: the owner fetches
+        it from the object store (once, for everyone); others say no."""
+        if self.peer_tier is None or not self.peer_tier.is_owner(chunk):
+            return False
+        record = await self.calls(self.meta.chunk_record, chunk)
+        if record is None:
+            return False
+        with trio.move_on_after(self.settings.peer_timeout_seconds):
+            try:
+                await self.source.fetch(ChunkRef(chunk, record[1]), use_peers=False)
+                return True
+            except errors.FsError:
+                return False
+        return False
 
     def _recover(self) -> None:
         orphans = [] if self.meta.shared else [ino for ino, _ in self.meta.orphans()]
@@ -342,6 +396,12 @@ class Daemon:
             await nursery.start(self.uploader.run)
             await nursery.start(self.collector.run)
             await nursery.start(self.sessions.run)
+            if self.peer_server is not None:
+                self.peer_tier.nursery = nursery
+                try:
+                    await nursery.start(self.peer_server.run)
+                except OSError as exc:
+                    raise UsageError(f"cannot listen on --peer-listen {self.settings.peer_listen}: {exc.strerror}") from None
             nursery.start_soon(self._on_signals)
             nursery.start_soon(self._sync_periodically)
             nursery.start_soon(self._tune_readahead)
@@ -461,6 +521,9 @@ class Daemon:
             "shared": self.meta.shared,
             "live_nodes": {str(n): r.get("host", "") for n, r in sorted(self.sessions.live.items())},
             "chunks_at_risk": len(self.sessions.at_risk),
+            "peer_listen": self.settings.peer_listen,
+            "peer_members": {str(n): a for n, a in sorted(self.sessions.peers.items())},
+            "shares_pending": len(self.peer_tier.sharing) if self.peer_tier else 0,
             "at_risk_sample": [{"node": n, "chunk": c} for n, c in self.sessions.at_risk[:5]],
         }
 

@@ -46,3 +46,6 @@ META_TXN_RESTARTS = Counter("datafs_meta_transaction_restarts_total", "Metadata 
 SESSIONS_LIVE = Gauge("datafs_sessions_live", "Nodes with a live session in the shared metadata engine")
 PEER_REQUESTS_SERVED = Counter("datafs_peer_requests_served_total", "Requests from other nodes, by method and result", ["method", "result"])
 PEER_SERVED_BYTES = Counter("datafs_peer_served_bytes_total", "Chunk bytes sent to other nodes")
+PEER_SHARES = Counter("datafs_peer_shares_total", "Chunks pushed to their owner after a commit", ["result"])
+PEER_SHARES_PENDING = Gauge("datafs_peer_shares_pending", "Committed chunks being pushed to their owner")
+PEER_MEMBERS = Gauge("datafs_peer_members", "Live nodes serving chunks to each other")

@@ -36,7 +36,7 @@ from datafs.mounts import pid_alive
 REPO = Path(__file__).resolve().parent.parent
 #: tests/ owns 19450-19459 for PostgreSQL: the session server here, the
 #: launcher's own tests (test_pgserver.py) on the ports after it.
-PG_PORT = 19450
+PG_PORT = int(os.environ.get("DATAFS_TEST_PG_PORT", "19450"))  # another port for a second concurrent run
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:

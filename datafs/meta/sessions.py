@@ -48,6 +48,8 @@ class SessionKeeper:
         self._marked: set[int] = set()
         #: Live sessions as last read: node id -> record.
         self.live: dict[int, dict] = {}
+        #: Live nodes that serve chunks: node id -> HOST:PORT (membership of the peer tier).
+        self.peers: dict[int, str] = {}
         #: Pending uploads whose only holder is a node that is gone: (node, chunk).
         self.at_risk: list[tuple[int, str]] = []
 
@@ -57,7 +59,7 @@ class SessionKeeper:
         if not self.meta.shared:
             return
         await self.calls.in_thread(self.meta.reclaim_session, self.meta.node_id)
-        await self.calls.in_thread(self.meta.heartbeat, self.info)
+        await self.beat()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -98,7 +100,9 @@ class SessionKeeper:
             log.warning("reclaimed the session of a node that stopped answering",
                         extra={"node": node, "open_markers": dropped, "host": sessions[node].get("host")})
         self.live = live
+        self.peers = {node: record["peer"] for node, record in live.items() if record.get("peer")}
         metrics.SESSIONS_LIVE.set(len(live))
+        metrics.PEER_MEMBERS.set(len(self.peers))
         pending = await self.calls.in_thread(self.meta.all_pending)
         self.at_risk = [(node, chunk) for node, chunk, _ in pending if node not in live]
 

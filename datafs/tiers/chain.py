@@ -1,7 +1,8 @@
 """The read-through chain and the sealing of new chunks.
 
-A chunk is looked for in the local cache, then fetched from the object store
-(peers slot in before the store). A fetch is single-flight: concurrent readers
+A chunk is looked for in the local cache, then asked of the peer tier (its
+owner, or the nodes holding it before it is uploaded; `peers/tier.py`), then
+fetched from the object store. A fetch is single-flight: concurrent readers
 of one chunk share one request and its outcome. Every fetched chunk is
 verified against its BLAKE3 id before it is cached or returned; a mismatch is
 logged loudly and fetched again. A chunk that metadata references but the
@@ -110,6 +111,8 @@ class ChunkSource:
         self._held: collections.Counter[str] = collections.Counter()
         self._stored: set[str] = set()
         self.nursery: trio.Nursery | None = None
+        # The peer tier, when this node runs one (--peer-listen).
+        self.peers = None
 
     def connect_uploader(self, uploader) -> None:
         """Wire the uploader in: sealed chunks go to it, stalled writers wait on it."""
@@ -188,8 +191,9 @@ class ChunkSource:
         metrics.READ_BYTES.labels(self.store.tier).inc(end - offset)
         return whole[offset:end]
 
-    async def fetch(self, ref: ChunkRef, deadline: float | None = None) -> bytes:
-        """Bring a chunk into the cache (single-flight) and return its bytes."""
+    async def fetch(self, ref: ChunkRef, deadline: float | None = None, use_peers: bool = True) -> bytes:
+        """Bring a chunk into the cache (single-flight) and return its bytes.
+        `use_peers=False`: the owner fetching for the others, from the store."""
         if deadline is None:
             deadline = self.deadline()
         while True:
@@ -207,7 +211,7 @@ class ChunkSource:
             # It failed for a reader with an earlier deadline: try on our own.
         pending = self._inflight[ref.chunk_id] = _Fetch()
         try:
-            data = await self._fetch_verified(ref, deadline)
+            data = await self._fetch_verified(ref, deadline, use_peers)
             # No room (the cache is full of chunks not uploaded yet), or the
             # cache's disk fails: the reader gets the bytes all the same, they
             # are just not kept.
@@ -267,7 +271,15 @@ class ChunkSource:
         finally:
             self.prefetch_slots += 1
 
-    async def _fetch_verified(self, ref: ChunkRef, deadline: float) -> bytes:
+    async def _fetch_verified(self, ref: ChunkRef, deadline: float, use_peers: bool = True) -> bytes:
+        peers = self.peers if use_peers else None
+        if peers is not None:
+            # The owner first; then, if the chunk is not uploaded yet, the
+            # nodes holding it (one metadata read), before the store.
+            with self._wait(deadline):
+                data = await peers.fetch(ref.chunk_id, ref.length, pending=True)
+                if data is not None:
+                    return data
         delay = 0.05
         while True:
             started = time.monotonic()
@@ -294,6 +306,13 @@ class ChunkSource:
             except errors.StoreError as exc:
                 if not exc.temporary:
                     raise self._gave_up(ref, str(exc)) from exc
+                if peers is not None:
+                    # Not uploaded yet, or the store is failing: the nodes
+                    # holding it (the one that wrote it) may have it.
+                    with self._wait(deadline):
+                        data = await peers.fetch(ref.chunk_id, ref.length, pending=True)
+                        if data is not None:
+                            return data
                 if isinstance(exc, errors.ChunkMissing):
                     log.info("waiting for chunk to appear in the object store", extra={"chunk": ref.chunk_id})
                 with self._wait(deadline) as scope:

@@ -1,0 +1,202 @@
+"""The peer tier through real mounts: three daemons on one machine sharing a
+real PostgreSQL (conftest's `pg_url`) and a real S3 server (SeaweedFS on
+127.0.0.1, ports 18720-18727), each serving chunks to the others on its own
+loopback port (18740-18749) with a shared fleet secret.
+
+What a fleet user relies on: a node reads what another wrote before it is
+uploaded (even with the object store down); nodes reading the same cold file
+ask the object store about once per chunk in all, the owners fetching for
+everyone; a peer that lies or dies never fails a read another tier can
+serve; the fleet secret shows nowhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from datafs.config import CHUNK_SIZE_BYTES as C
+from datafs.devtools.seaweed import SeaweedServer
+
+from .conftest import Mount, run_cli
+
+pytestmark = pytest.mark.mount
+
+BASE_PORT = 18720
+PEER_PORT = 18740
+METRICS_PORT = 18750
+SECRET = "fleet-secret-" + uuid.uuid4().hex
+FAST = {
+    "DATAFS_ORPHAN_GRACE": "1",
+    "DATAFS_GC_GRACE": "1",
+    "DATAFS_SESSION_TIMEOUT": "6",
+    "DATAFS_META_TIMEOUT": "5",
+    "DATAFS_PEER_SECRET": SECRET,
+    "DATAFS_PEER_TIMEOUT": "2",
+}
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    server = SeaweedServer(tmp_path_factory.mktemp("weed"), BASE_PORT)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fleet(pg_url, s3, mount_factory):  # the database outlives the mounts
+    bucket = s3.create_bucket(f"p-{uuid.uuid4().hex[:12]}")
+    nodes: list[Mount] = []
+
+    def node(name: str, *, env: dict[str, str] | None = None) -> Mount:
+        index = len(nodes)
+        args = ["--meta", pg_url.url, "--peer-listen", f"127.0.0.1:{PEER_PORT + index}",
+                "--metrics-address", f"127.0.0.1:{METRICS_PORT + index}"]
+        if not nodes:
+            args += ["--store", f"s3://{bucket}/fleet", "--s3-endpoint", s3.endpoint_url]
+        mount = mount_factory(name, extra_args=args, env={**s3.aws_env(), **pg_url.env, **FAST, **(env or {})})
+        mount.metrics_port = METRICS_PORT + index
+        nodes.append(mount)
+        return mount
+
+    return node
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def read_fresh(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def fetches(mount: Mount) -> dict[str, float]:
+    """This node's datafs_chunk_fetches_total{result="ok"} by tier."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{mount.metrics_port}/metrics", timeout=10).read().decode()
+    out: dict[str, float] = {}
+    for tier, value in re.findall(r'datafs_chunk_fetches_total\{result="ok",tier="(\w+)"\} (\S+)', text):
+        out[tier] = float(value)
+    for tier, value in re.findall(r'datafs_chunk_fetches_total\{tier="(\w+)",result="ok"\} (\S+)', text):
+        out[tier] = float(value)
+    return out
+
+
+def wait_members(mount: Mount, count: int) -> None:
+    import time
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        out = run_cli("status", str(mount.path)).stdout
+        line = next((l for l in out.splitlines() if l.startswith("peer tier:")), "")
+        if line.count("127.0.0.1:") >= count + 1:  # its own address plus the members
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"{mount.path} did not see {count} peer members: {out}")
+
+
+def test_a_node_reads_what_another_wrote_while_the_store_is_down(fleet, s3):
+    a, b = fleet("a"), fleet("b")
+    wait_members(b, 2)
+    data = os.urandom(3 * C + 100)
+    s3.stop()  # nothing can be uploaded or downloaded now
+    try:
+        write(a.path / "fresh.bin", data)
+        got = read_fresh(b.path / "fresh.bin")
+    finally:
+        s3.start()
+    assert sha(got) == sha(data)
+    served = fetches(b)
+    # Every chunk came from A: fetched from it, or pushed by it to B as owner.
+    assert served.get("peer", 0) >= 1 and served.get("store", 0) == 0, served
+
+
+def test_cold_readers_ask_the_store_about_once_per_chunk(fleet):
+    a, b, c = fleet("a"), fleet("b"), fleet("c")
+    for m in (a, b, c):
+        wait_members(m, 3)
+    chunks = 24
+    data = os.urandom(chunks * C)
+    write(a.path / "model.bin", data)
+    run_cli("sync", str(a.path))
+    # Drop A's copies: every chunk must now come from the store or a peer.
+    a.umount()
+    for cached in (a.state_dir / "cache" / "chunks").rglob("*/*"):
+        cached.unlink()
+    a.mount()
+    wait_members(b, 3)
+    before = {m.path.name: fetches(m) for m in (a, b, c)}
+    results = {}
+
+    def reader(m: Mount) -> None:
+        results[m.path.name] = sha(read_fresh(m.path / "model.bin"))
+
+    import threading
+
+    threads = [threading.Thread(target=reader, args=(m,)) for m in (b, c)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(results.values()) == {sha(data)}
+    store_gets = sum(fetches(m).get("store", 0) - before[m.path.name].get("store", 0) for m in (a, b, c))
+    # 24 chunks read by two nodes: without peers 48 GETs; with owners fetching
+    # once for everyone, about 24 (a few more when two ask before one has it).
+    assert store_gets <= chunks * 1.3, store_gets
+
+
+def test_a_peer_that_dies_mid_read_fails_no_read(fleet):
+    a, b = fleet("a"), fleet("b")
+    wait_members(b, 2)
+    data = os.urandom(8 * C)
+    write(a.path / "big.bin", data)
+    run_cli("sync", str(a.path))
+    a.kill()  # its peer server vanishes; B still lists it until its session expires
+    assert sha(read_fresh(b.path / "big.bin")) == sha(data)
+
+
+def test_wrong_secret_peer_gets_nothing(fleet, tmp_path):
+    a = fleet("a")
+    data = os.urandom(C)
+    write(a.path / "secret.bin", data)
+    from datafs.chunks import chunk_id
+    from datafs.peers import auth
+
+    chunk = chunk_id(data)
+    path = f"/chunks/{chunk}"
+    request = urllib.request.Request(f"http://127.0.0.1:{PEER_PORT}{path}",
+                                     headers={"Authorization": auth.sign(b"not-the-fleet-secret", "GET", path)})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 401
+    good = urllib.request.Request(f"http://127.0.0.1:{PEER_PORT}{path}",
+                                  headers={"Authorization": auth.sign(SECRET.encode(), "GET", path)})
+    assert urllib.request.urlopen(good, timeout=10).read() == data
+    processes = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert SECRET not in processes and SECRET not in run_cli("status", str(a.path)).stdout
+    assert SECRET not in a.log
+
+
+def test_peer_listen_needs_a_secret_and_a_shared_engine(tmp_path, pg_url):
+    target = tmp_path / "m"
+    target.mkdir()
+    no_secret = run_cli("mount", str(target), "--state-dir", str(tmp_path / "s"), "--meta", pg_url.url,
+                        "--store", "file:///tmp", "--peer-listen", f"127.0.0.1:{PEER_PORT + 9}",
+                        env=pg_url.env, check=False)
+    assert no_secret.returncode != 0 and "fleet secret" in no_secret.stderr
+    no_engine = run_cli("mount", str(target), "--state-dir", str(tmp_path / "s2"),
+                        "--peer-listen", f"127.0.0.1:{PEER_PORT + 9}", env={"DATAFS_PEER_SECRET": SECRET}, check=False)
+    assert no_engine.returncode != 0 and "--meta" in no_engine.stderr
