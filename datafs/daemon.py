@@ -315,8 +315,8 @@ class Daemon:
                                       read_timeout_seconds=s.peer_timeout_seconds)
         enqueue = self.content.on_committed
 
-        def committed(chunks: list[str]) -> None:
-            enqueue(chunks)
+        def committed(chunks: list[str], *args, **kwargs) -> None:
+            enqueue(chunks, *args, **kwargs)
             self.peer_tier.share(chunks)
 
         self.content.on_committed = committed
