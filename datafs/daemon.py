@@ -341,6 +341,11 @@ class Daemon:
         orphans = [] if self.meta.shared else [ino for ino, _ in self.meta.orphans()]
         for ino in orphans:
             self.meta.delete_inode(ino)
+        # Chunks this node uploaded early for files it never committed (it
+        # was killed): garbage now, collected after the grace period.
+        released = self.meta.release_early_uploads(self.meta.node_id)
+        if released:
+            log.info("uncommitted early uploads handed to the collector", extra={"chunks": released})
         # Chunks no metadata references (sealed, never committed), and chunks
         # whose file has the wrong size (fetched ones are not fsynced, so a
         # power loss can leave them short): drop them; the store has the rest.

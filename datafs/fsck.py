@@ -755,11 +755,17 @@ class Fsck:
         self._phase("unreferenced objects")
         sql = "SELECT o.chunk, o.size, o.modified FROM obj o LEFT JOIN rec r USING (chunk) WHERE r.chunk IS NULL"
         grace = self.grace_seconds
+        # Uploaded early by a node whose commit is still to come (`t` keys):
+        # named by that note, not leaked.
+        early = await self._view(lambda t: {key[9:] for key, _ in t.scan(b"t")})
         async for rows in self._candidates(sql):
             now = time.time()
             old = [(raw, size, modified) for raw, size, modified in rows if now - modified >= grace]
             self.notes["unreferenced objects younger than the GC grace, left alone"] += len(rows) - len(old)
             for raw, size, modified in old:
+                if raw in early:
+                    self.notes["objects uploaded before their file's commit"] += 1
+                    continue
                 if await self._view(lambda t: t.get(b"r" + raw)) is not None or not await self._exists(raw.hex()):
                     continue
                 age = _duration(now - modified)

@@ -159,6 +159,14 @@ class Uploader:
         done, scope = self._early[chunk]
         try:
             with scope:
+                # Noted first: if this node dies before the commit, the object
+                # must not stay in the store with nothing naming it.
+                try:
+                    size = self.cache.path(chunk).stat().st_size
+                    await self.calls(self.meta.note_early_upload, chunk, size)
+                except (OSError, errors.MetaUnavailable) as exc:
+                    log.info("early upload skipped; the commit uploads the chunk", extra={"chunk": chunk, "error": str(exc)})
+                    return
                 if await self._upload(chunk, keep_trying=lambda: self.still_sealed(chunk) and chunk not in self._queued):
                     self.on_stored(chunk)
                     self._signal_progress()

@@ -23,6 +23,7 @@ Key layout (integers big-endian so scans come out in order):
     o <ino>                 -> time ns                   (nlink 0, kept while open somewhere)
     O <ino> <node>          -> ''                        (that node holds the inode open)
     s <node>                -> session record (JSON, with heartbeat time)
+    t <node> <chunk id>     -> time ns, length           (uploaded before its file's commit)
     #ino                    -> inode numbers handed out (in batches, per node)
     #node                   -> node ids handed out
     #inodes <node>          -> inodes created minus freed by that node
@@ -424,7 +425,9 @@ class MetaStore:
             t.delete(b"s" + _u64(node))
             return dropped
 
-        return self.kv.transact(body)
+        dropped = self.kv.transact(body)
+        self.release_early_uploads(node)
+        return dropped
 
     def update_open_markers(self, opened: Iterable[int], closed: Iterable[int]) -> None:
         """Tell other nodes which inodes this node holds open, so an inode
@@ -457,6 +460,47 @@ class MetaStore:
 
     def sync(self) -> None:
         self.kv.sync()
+
+    # ---- chunks uploaded before their file's commit ------------------------------------
+    def note_early_upload(self, chunk_id: str, length: int) -> None:
+        """Record, before its PUT, that this node uploads a chunk no commit
+        references yet. The commit clears it; if the node dies first, the
+        object would be in the store with nothing naming it: the next start
+        of this node, or the reclaim of its session, hands it to the garbage
+        collector (`release_early_uploads`)."""
+        value = _u64(time.time_ns()) + _u64(length)
+        self.kv.transact(lambda t: t.put(b"t" + _u64(self.node_id) + bytes.fromhex(chunk_id), value))
+
+    def release_early_uploads(self, node: int) -> int:
+        """Early uploads of `node` (a previous run, or a dead node) that no
+        commit took: each becomes a garbage candidate (a zero-reference
+        record), so the collector deletes its object after the grace period
+        unless a commit rescues it first. Returns how many were released."""
+        prefix = b"t" + _u64(node)
+
+        def body(tx: _Tx) -> int:
+            t = tx.t
+            rows = list(t.scan(prefix, limit=1000))
+            tx.load_refs(key[9:] for key, _ in rows)
+            released = 0
+            for key, value in rows:
+                chunk = key[9:]
+                t.delete(key)
+                if tx._ref(chunk) is None:
+                    length = _U64.unpack(value[8:16])[0] if len(value) >= 16 else 0
+                    record = ChunkRecord(0, length)
+                    tx._refs[chunk] = record
+                    t.put(b"r" + chunk, record.pack())
+                    t.put(b"g" + chunk, _u64(tx.now))
+                    released += 1
+            return released
+
+        total = 0
+        while True:
+            released = self._write(body)
+            total += released
+            if not self.kv.view(lambda t: next(t.scan(prefix, limit=1), None)):
+                return total
 
     # ---- reads ------------------------------------------------------------
     def get_inode(self, ino: int) -> Inode:
@@ -933,6 +977,7 @@ class MetaStore:
                     continue
                 t.put(key, _CHUNK.pack(new_raw, ref.length))
                 tx.incref(new_raw, ref.length)
+                t.delete(b"t" + _u64(self.node_id) + new_raw)
             inode.size = size
             inode.mtime_ns = mtime_ns if mtime_ns is not None else tx.now
             inode.ctime_ns = tx.now
