@@ -34,6 +34,7 @@ not reaching the daemon into one `ControlUnavailable` with a one-line message.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import http
 import http.client
@@ -43,7 +44,7 @@ import os
 import socket
 import stat
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,27 @@ CLIENT_TIMEOUT_SECONDS = 10.0
 _DRAIN_BYTES = 16 << 20
 _RECEIVE_BYTES = 64 * 1024
 _MAX_HEADER_BYTES = 16 * 1024
+
+
+#: A unix socket address holds at most 107 bytes (sun_path). Longer paths are
+#: reached through the directory's descriptor under /proc/self/fd instead, so
+#: a deep state dir still gets its control socket.
+_SUN_PATH_MAX = 100
+
+
+@contextlib.contextmanager
+def _address(path: Path | str) -> Iterator[str]:
+    """An address for bind/connect that names `path`, however long it is."""
+    raw = os.fspath(path)
+    if len(os.fsencode(raw)) < _SUN_PATH_MAX:
+        yield raw
+        return
+    directory, name = os.path.split(os.path.abspath(raw))
+    fd = os.open(directory, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{name}"
+    finally:
+        os.close(fd)
 
 
 class ControlError(Exception):
@@ -129,7 +151,8 @@ class ControlServer:
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         bound = None
         try:
-            await sock.bind(os.fspath(self.path))
+            with _address(self.path) as address:
+                await sock.bind(address)
             bound = os.lstat(self.path)
             # Nobody can connect between bind and listen, so the mode is right
             # before the first connection whatever the umask was.
@@ -152,8 +175,8 @@ class ControlServer:
             raise FileExistsError(errno.EEXIST, "not a socket, refusing to replace it", os.fspath(self.path))
         probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            with trio.move_on_after(1.0):
-                await probe.connect(os.fspath(self.path))
+            with trio.move_on_after(1.0), _address(self.path) as address:
+                await probe.connect(address)
                 raise OSError(errno.EADDRINUSE, "another server is answering on this socket", os.fspath(self.path))
         except (ConnectionRefusedError, FileNotFoundError):
             pass  # nobody listening: a dead daemon's socket
@@ -339,7 +362,8 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(self.timeout)
-            sock.connect(os.fspath(self.socket_path))
+            with _address(self.socket_path) as address:
+                sock.connect(address)
         except BaseException:
             sock.close()
             raise

@@ -316,3 +316,19 @@ async def test_expect_continue_is_answered(server):
     answer = await trio.to_thread.run_sync(exchange)
     assert answer.startswith(b"HTTP/1.1 200 ")
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1]) == {"body": {"a": 1}}
+
+
+async def test_a_socket_path_longer_than_sun_path_still_works(tmp_path, nursery):
+    """A unix socket address holds 107 bytes; a deep state dir must still get
+    its control socket (reached through the directory's descriptor)."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    path = deep / "control.sock"
+    assert len(str(path)) > 120
+
+    async def status(query, body):
+        return {"ok": True}
+
+    await nursery.start(ControlServer(path, {("GET", "/status"): status}).run)
+    assert path.exists()
+    assert await trio.to_thread.run_sync(lambda: request(path, "GET", "/status")) == {"ok": True}
