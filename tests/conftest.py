@@ -165,6 +165,22 @@ def datafs_mount(mount_factory: Callable[..., Mount]) -> Mount:
     return mount_factory()
 
 
+def seaweed_fixture(base_port: int):
+    """A module-scoped fixture: one SeaweedFS S3 server for the module's tests,
+    on loopback ports base_port..base_port+7 that no other module uses."""
+
+    @pytest.fixture(scope="module")
+    def s3(tmp_path_factory):
+        from datafs.devtools.seaweed import SeaweedServer
+
+        server = SeaweedServer(tmp_path_factory.mktemp("weed"), base_port)
+        server.start()
+        yield server
+        server.stop()
+
+    return s3
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PostgresServer]:
     """One PostgreSQL server for the whole session (fast, not crash-safe:

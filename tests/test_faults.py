@@ -38,12 +38,11 @@ import pytest
 
 from datafs.chunks import chunk_id
 from datafs.config import CHUNK_SIZE_BYTES as C
-from datafs.devtools.seaweed import SeaweedServer
 from datafs.mounts import pid_alive
 from datafs.tiers.faults import write_spec
 
 from . import crash_writer
-from .conftest import Mount, run_cli
+from .conftest import Mount, run_cli, seaweed_fixture
 
 BASE_PORT = 18800
 METRICS_PORT = 18808
@@ -56,12 +55,7 @@ FAST = {
 }
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    server = SeaweedServer(tmp_path_factory.mktemp("weed"), BASE_PORT)
-    server.start()
-    yield server
-    server.stop()
+s3 = seaweed_fixture(BASE_PORT)
 
 
 @pytest.fixture

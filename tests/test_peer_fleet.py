@@ -23,9 +23,8 @@ from pathlib import Path
 import pytest
 
 from datafs.config import CHUNK_SIZE_BYTES as C
-from datafs.devtools.seaweed import SeaweedServer
 
-from .conftest import Mount, run_cli
+from .conftest import Mount, run_cli, seaweed_fixture
 
 pytestmark = pytest.mark.mount
 
@@ -43,12 +42,7 @@ FAST = {
 }
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    server = SeaweedServer(tmp_path_factory.mktemp("weed"), BASE_PORT)
-    server.start()
-    yield server
-    server.stop()
+s3 = seaweed_fixture(BASE_PORT)
 
 
 @pytest.fixture

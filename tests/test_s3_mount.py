@@ -16,20 +16,14 @@ import pytest
 
 from datafs.chunks import chunk_id
 from datafs.config import CHUNK_SIZE_BYTES as C
-from datafs.devtools.seaweed import SeaweedServer
 from datafs.tiers.store import object_key
 
-from .conftest import Mount, run_cli
+from .conftest import Mount, run_cli, seaweed_fixture
 
 BASE_PORT = 18500
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    server = SeaweedServer(tmp_path_factory.mktemp("weed"), BASE_PORT)
-    server.start()
-    yield server
-    server.stop()
+s3 = seaweed_fixture(BASE_PORT)
 
 
 @pytest.fixture
