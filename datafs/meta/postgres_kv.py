@@ -347,11 +347,7 @@ class PostgresKV(KV):
             try:
                 conn = self._take(deadline)
             except psycopg.OperationalError as exc:
-                if time.monotonic() >= deadline:
-                    metrics.META_TXNS.labels(op, "unavailable").inc()
-                    raise MetaUnavailable(f"metadata engine unreachable: {_first_line(exc)}") from None
-                log.debug("metadata engine unreachable, retrying", extra={"error": _first_line(exc)})
-                time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+                self._wait_for_engine(op, exc, deadline, pause_seconds=0.5)
                 continue
             try:
                 if begin:
@@ -391,11 +387,7 @@ class PostgresKV(KV):
                 # A broken connection (server restart, network): drop it, retry
                 # the whole body on a fresh one until the deadline.
                 self._drop(conn)
-                if time.monotonic() >= deadline:
-                    metrics.META_TXNS.labels(op, "unavailable").inc()
-                    raise MetaUnavailable(f"metadata engine unreachable: {_first_line(exc)}") from None
-                log.info("metadata connection lost, retrying", extra={"error": _first_line(exc)})
-                time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+                self._wait_for_engine(op, exc, deadline, pause_seconds=0.2)
                 continue
             except BaseException:
                 self._rollback(conn)
@@ -404,6 +396,16 @@ class PostgresKV(KV):
             metrics.META_TXNS.labels(op, "ok").inc()
             metrics.META_TXN_SECONDS.labels(op).observe(time.monotonic() - started)
             return result
+
+    @staticmethod
+    def _wait_for_engine(op: str, exc: BaseException, deadline: float, pause_seconds: float) -> None:
+        """The engine did not answer: pause before the next try, or give up
+        with MetaUnavailable (EIO at the FUSE boundary) past the deadline."""
+        if time.monotonic() >= deadline:
+            metrics.META_TXNS.labels(op, "unavailable").inc()
+            raise MetaUnavailable(f"metadata engine unreachable: {_first_line(exc)}") from None
+        log.info("metadata engine unreachable, retrying", extra={"error": _first_line(exc)})
+        time.sleep(min(pause_seconds, max(0.0, deadline - time.monotonic())))
 
     def _rollback(self, conn: psycopg.Connection) -> None:
         try:
