@@ -18,6 +18,7 @@ missing PostgreSQL fails those tests, as a missing /dev/fuse does.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import signal
 import subprocess
@@ -163,6 +164,21 @@ def mount_factory(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
 @pytest.fixture
 def datafs_mount(mount_factory: Callable[..., Mount]) -> Mount:
     return mount_factory()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def read_fresh(path: Path) -> bytes:
+    """Open anew (close-to-open across nodes) and read everything."""
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def seaweed_fixture(base_port: int):

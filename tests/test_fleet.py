@@ -14,7 +14,6 @@ settings are one line at mount; the password shows nowhere.
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing
 import os
 import subprocess
@@ -29,7 +28,7 @@ from datafs.config import CHUNK_SIZE_BYTES as C
 from datafs.tiers.store import object_key
 from datafs.chunks import chunk_id
 
-from .conftest import Mount, run_cli, seaweed_fixture
+from .conftest import Mount, read_fresh, run_cli, seaweed_fixture, sha, write
 
 pytestmark = pytest.mark.mount
 
@@ -64,21 +63,6 @@ def fleet(pg_url, s3, mount_factory):  # the database outlives the mounts
 
     node.bucket = bucket  # type: ignore[attr-defined]
     return node
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-def read_fresh(path: Path) -> bytes:
-    """Open anew (close-to-open) and read everything."""
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def eventually(check, timeout: float = 10.0, interval: float = 0.1):

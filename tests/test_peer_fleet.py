@@ -12,19 +12,17 @@ serve; the fleet secret shows nowhere.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import subprocess
 import urllib.request
 import uuid
-from pathlib import Path
 
 import pytest
 
 from datafs.config import CHUNK_SIZE_BYTES as C
 
-from .conftest import Mount, run_cli, seaweed_fixture
+from .conftest import Mount, read_fresh, run_cli, seaweed_fixture, sha, write
 
 pytestmark = pytest.mark.mount
 
@@ -62,20 +60,6 @@ def fleet(pg_url, s3, mount_factory):  # the database outlives the mounts
         return mount
 
     return node
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-def read_fresh(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def fetches(mount: Mount) -> dict[str, float]:
