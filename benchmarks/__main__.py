@@ -39,11 +39,29 @@ def build_parser() -> argparse.ArgumentParser:
                      help="first of 10 loopback ports (SeaweedFS, JuiceFS metrics, PostgreSQL) (default 19100)")
     run.add_argument("--work-dir", type=Path, default=Path("/var/tmp"),
                      help="parent of the throwaway work dir; the disk under test (default /var/tmp)")
+    fleet = sub.add_parser("fleet", help="the peer tier: several nodes, one PostgreSQL, one bucket (see fleet.py)")
+    fsize = fleet.add_mutually_exclusive_group()
+    fsize.add_argument("--quick", dest="mode", action="store_const", const="quick",
+                       help="a 256 MiB file, a 512 MiB tree: a few minutes")
+    fsize.add_argument("--tiny", dest="mode", action="store_const", const="tiny", help="a few MiB: seconds")
+    fleet.set_defaults(mode="full")
+    fleet.add_argument("--out", type=Path, default=Path("bench-results"),
+                       help="where fleet.md and fleet.json go (default: bench-results)")
+    fleet.add_argument("--keep", action="store_true", help="keep the work dir (logs, state) instead of removing it")
+    fleet.add_argument("--base-port", type=int, default=19200,
+                       help="first of 30 loopback ports: SeaweedFS N..N+7, PostgreSQL N+9, peers N+10.., "
+                            "metrics N+20.. (default 19200)")
+    fleet.add_argument("--work-dir", type=Path, default=Path("/var/tmp"),
+                       help="parent of the throwaway work dir (default /var/tmp)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "fleet":
+        from . import fleet
+
+        return fleet.main(args)
     from . import harness, report
     from .results import fill_ratios
 
