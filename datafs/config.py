@@ -72,6 +72,9 @@ class Settings:
     peer_listen: str = ""
     peer_secret_file: Path | None = None  # else DATAFS_PEER_SECRET
     peer_timeout_seconds: float = 5.0  # each read or write to a peer; connecting takes at most 2 s
+    # Chunk bytes held in memory for peer traffic at once (fetches from peers,
+    # shares to owners, chunks peers share with this node), in whole chunks.
+    peer_inflight_bytes: int = 256 << 20
     store: str = ""  # URL; empty means file://<state_dir>/store
     cache_dir: Path | None = None  # default <state_dir>/cache
     cache_size_bytes: int = 50 << 30
@@ -181,6 +184,7 @@ _CONVERTERS: dict[str, Any] = {
     "meta_password_file": Path,
     "peer_secret_file": Path,
     "peer_timeout_seconds": lambda v: parse_seconds(v, "peer timeout"),
+    "peer_inflight_bytes": lambda v: parse_size(v, "peer in-flight bytes"),
     "meta_timeout_seconds": lambda v: parse_seconds(v, "metadata timeout"),
     "session_timeout_seconds": lambda v: parse_seconds(v, "session timeout"),
     "gc_grace_seconds": lambda v: parse_seconds(v, "garbage-collection grace period"),
@@ -219,6 +223,7 @@ _ENV_ALIASES = {
     "GC_GRACE": "gc_grace_seconds",
     "ORPHAN_GRACE": "orphan_grace_seconds",
     "PEER_TIMEOUT": "peer_timeout_seconds",
+    "PEER_INFLIGHT": "peer_inflight_bytes",
 }
 
 

@@ -305,14 +305,16 @@ class Daemon:
         except OSError as exc:
             raise UsageError(f"cannot listen on --peer-listen {s.peer_listen}: {exc.strerror}") from None
         self.peer_client = PeerClient(secret, io_timeout_seconds=s.peer_timeout_seconds)
+        budget = trio.Semaphore(max(1, s.peer_inflight_bytes // CHUNK_SIZE_BYTES))
         self.peer_tier = PeerTier(
             self.meta.node_id, self.peer_client, self.cache,
             members=lambda: self.sessions.peers,
             holders=lambda chunk: self.calls(self.meta.chunk_holders, chunk),
+            budget=budget,
         )
         self.source.peers = self.peer_tier
         self.peer_server = PeerServer(host.strip("[]"), int(port), secret, self.cache, on_miss=self._serve_miss,
-                                      read_timeout_seconds=s.peer_timeout_seconds)
+                                      read_timeout_seconds=s.peer_timeout_seconds, budget=budget)
         enqueue = self.content.on_committed
 
         def committed(chunks: list[str], *args, **kwargs) -> None:
@@ -322,8 +324,9 @@ class Daemon:
         self.content.on_committed = committed
 
     async def _serve_miss(self, chunk: str) -> bool:
-        """A peer asks for a chunk this node does not have: the owner fetches
-        it from the object store (once, for everyone); others say no."""
+        """A peer asks for a chunk this node does not have: the owner brings
+        it (from the runner-up's cache after a join, else from the object
+        store: once, for everyone); others say no."""
         if self.peer_tier is None or not self.peer_tier.is_owner(chunk):
             return False
         record = await self.calls(self.meta.chunk_record, chunk)
@@ -331,7 +334,7 @@ class Daemon:
             return False
         with trio.move_on_after(self.settings.peer_timeout_seconds):
             try:
-                await self.source.fetch(ChunkRef(chunk, record[1]), use_peers=False)
+                await self.source.fetch(ChunkRef(chunk, record[1]))
                 return True
             except errors.FsError:
                 return False

@@ -22,7 +22,12 @@ RECEIVE_BYTES = 256 * 1024
 
 
 class PeerError(Exception):
-    """The peer could not give this chunk (down, slow, refused, or absent)."""
+    """The peer could not give this chunk (down, slow, refused, or absent).
+    `absent`: it answered that it does not have it, which is no fault."""
+
+    def __init__(self, message: str, *, absent: bool = False):
+        super().__init__(message)
+        self.absent = absent
 
 
 class _Stale(Exception):
@@ -56,19 +61,21 @@ class PeerClient:
         else:
             stream.socket.close()
 
-    async def get(self, address: str, chunk_id: str, length: int) -> bytearray:
-        """The chunk's bytes as the peer sends them (unverified). A pooled
-        connection the peer has closed meanwhile is retried once on a new one."""
+    async def get(self, address: str, chunk_id: str, length: int, *, cached_only: bool = False) -> bytearray:
+        """The chunk's bytes as the peer sends them (unverified). `cached_only`:
+        the peer answers from its cache or not at all (it never fetches the
+        chunk for us). A pooled connection the peer has closed meanwhile is
+        retried once on a new one."""
+        path = f"/chunks/{chunk_id}" + ("?cached" if cached_only else "")
         for attempt in range(2):
             stream, reused = await self._connect(address)
             try:
-                return await self._get_on(stream, address, chunk_id, length)
+                return await self._get_on(stream, address, path, chunk_id, length)
             except _Stale:
                 if not reused or attempt:
                     raise PeerError(f"peer {address} closed the connection") from None
 
-    async def _get_on(self, stream: trio.SocketStream, address: str, chunk_id: str, length: int) -> bytearray:
-        path = f"/chunks/{chunk_id}"
+    async def _get_on(self, stream: trio.SocketStream, address: str, path: str, chunk_id: str, length: int) -> bytearray:
         reusable = False
         sent = False
         try:
@@ -83,7 +90,8 @@ class PeerClient:
             if response.status_code != 200:
                 await self._drain(stream, conn)
                 reusable = True
-                raise PeerError(f"peer {address} answered {response.status_code} for chunk {chunk_id}")
+                raise PeerError(f"peer {address} answered {response.status_code} for chunk {chunk_id}",
+                                absent=response.status_code == 404)
             size = int(dict(response.headers).get(b"content-length", b"-1"))
             if size != length:
                 raise PeerError(f"peer {address} sent {size} bytes for a chunk of {length}")

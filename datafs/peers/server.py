@@ -5,8 +5,8 @@ HTTP/1.1 with h11 on trio, keep-alive. `GET /chunks/<id>` answers 200 with
 the chunk's bytes sent by `sendfile` straight from the cache file (no copy
 through Python), or, when the chunk is not cached and `on_miss` can bring it
 (this node owns it: it fetches it from the object store once for everyone),
-after that; else 404. `PUT /chunks/<id>` stores a chunk a peer shares with
-its owner, after checking its BLAKE3 hash; wrong bytes get 422 and are not
+after that; else 404. `GET /chunks/<id>?cached` answers from the cache only.
+`PUT /chunks/<id>` stores a chunk a peer shares with its owner, after checking its BLAKE3 hash; wrong bytes get 422 and are not
 kept. Every request must carry a valid signature (`auth`): without one the
 answer is 401 and no chunk byte is sent. Only 64-hex-digit chunk ids are
 accepted, so no request names a path outside the cache.
@@ -33,7 +33,7 @@ from . import auth
 
 log = logging.getLogger(__name__)
 
-_CHUNK_PATH = re.compile(r"^/chunks/([0-9a-f]{64})$")
+_CHUNK_PATH = re.compile(r"^/chunks/([0-9a-f]{64})(\?cached)?$")
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
 RECEIVE_BYTES = 256 * 1024
 
@@ -55,6 +55,7 @@ class PeerServer:
         self, host: str, port: int, secret: bytes, cache: ChunkCache, *,
         on_miss: Callable[[str], Awaitable[bool]] | None = None,
         read_timeout_seconds: float = 10.0, disk_limiter: trio.CapacityLimiter | None = None,
+        budget: trio.Semaphore | None = None,
     ):
         self.host = host
         self.port = port
@@ -63,6 +64,9 @@ class PeerServer:
         self.on_miss = on_miss
         self.read_timeout_seconds = read_timeout_seconds
         self.disk_limiter = disk_limiter or trio.CapacityLimiter(4)
+        # Chunk bodies held in memory at once (shared with the peer tier's
+        # fetches and shares): a PUT waits for a slot before reading its body.
+        self.budget = budget or trio.Semaphore(16)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(self.port, host=self.host)
@@ -128,36 +132,33 @@ class PeerServer:
         await stream.send_all(conn.send(h11.EndOfMessage()))
 
     async def _handle(self, stream: trio.SocketStream, conn: h11.Connection, request: h11.Request) -> None:
+        """Check the signature and the path before reading any body: a caller
+        without the fleet secret gets its 401 and the connection is closed."""
         method = request.method.decode()
         path = request.target.decode(errors="replace")
         header = dict(request.headers).get(b"authorization", b"").decode(errors="replace")
-        if method == "PUT":
-            body = await self._body(stream, conn)
-        else:
-            body = b""
-            while not isinstance(await self._next(stream, conn), h11.EndOfMessage):
-                pass
         if not auth.verify(self.secret, method, path, header):
             metrics.PEER_REQUESTS_SERVED.labels(method, "unauthorized").inc()
             await self._reply(stream, conn, 401, b"a valid fleet signature is required\n")
             return
         match = _CHUNK_PATH.match(path)
-        if match is None:
+        if match is None or method not in ("GET", "PUT"):
             metrics.PEER_REQUESTS_SERVED.labels(method, "bad_request").inc()
-            await self._reply(stream, conn, 404 if method == "GET" else 400, b"no such resource\n")
+            status = 405 if match is not None else 404 if method == "GET" else 400
+            await self._reply(stream, conn, status, b"GET or PUT /chunks/<id>\n")
             return
-        chunk = match.group(1)
-        if method == "GET":
-            await self._send_chunk(stream, conn, chunk)
-        elif method == "PUT":
-            await self._store_chunk(stream, conn, chunk, body)
-        else:
-            metrics.PEER_REQUESTS_SERVED.labels(method, "bad_request").inc()
-            await self._reply(stream, conn, 405, b"GET or PUT\n")
+        chunk, cached_only = match.group(1), bool(match.group(2))
+        if method == "PUT":
+            async with self.budget:  # the body is held in memory until it is stored
+                await self._store_chunk(stream, conn, chunk, await self._body(stream, conn))
+            return
+        while not isinstance(await self._next(stream, conn), h11.EndOfMessage):
+            pass
+        await self._send_chunk(stream, conn, chunk, cached_only)
 
-    async def _send_chunk(self, stream: trio.SocketStream, conn: h11.Connection, chunk: str) -> None:
+    async def _send_chunk(self, stream: trio.SocketStream, conn: h11.Connection, chunk: str, cached_only: bool) -> None:
         fd = self._open_cached(chunk)
-        if fd is None and self.on_miss is not None and await self.on_miss(chunk):
+        if fd is None and not cached_only and self.on_miss is not None and await self.on_miss(chunk):
             fd = self._open_cached(chunk)
         if fd is None:
             metrics.PEER_REQUESTS_SERVED.labels("GET", "miss").inc()

@@ -40,6 +40,7 @@ class PeerTier:
         members: Callable[[], dict[int, str]],
         holders: Callable[[str], Awaitable[list[int]]],
         share_concurrency: int = 4, hash_limiter: trio.CapacityLimiter | None = None,
+        budget: trio.Semaphore | None = None,
     ):
         self.node_id = node_id
         self.client = client
@@ -48,6 +49,9 @@ class PeerTier:
         self.holders = holders
         self.hash_limiter = hash_limiter or trio.CapacityLimiter(2)
         self.share_limiter = trio.CapacityLimiter(share_concurrency)
+        # Chunk bodies in memory at once for peer traffic (fetches, shares and
+        # the server's PUTs share it): `peer_inflight_bytes` in whole chunks.
+        self.budget = budget or trio.Semaphore(16)
         self.sharing: set[str] = set()
         self.nursery: trio.Nursery | None = None
 
@@ -58,27 +62,56 @@ class PeerTier:
         members = self.members()
         return not members or ownership.owner(chunk, members) == self.node_id
 
-    async def fetch(self, chunk: str, length: int, *, pending: bool = False) -> bytes | None:
-        """The chunk from a peer, verified; None when no peer could give it.
-        `pending`: the object store does not have it yet, so ask its holders."""
+    def plan(self, chunk: str, holders: list[int] = ()) -> list[tuple[int, bool]]:
+        """Whom to ask for `chunk`, in order, and whether each may only answer
+        from its cache. The owner (when another node) may fetch it from the
+        object store for everyone. The runner-up is asked for its cached copy:
+        after a join the new owner is empty but the previous one, now the
+        runner-up, still holds the chunk; and when the owner is down every
+        node asks the same second choice. Holders of a chunk not uploaded yet
+        come last."""
         members = self.members()
-        candidates = []
-        owner = ownership.owner(chunk, members)
-        if owner is not None and owner != self.node_id:
-            candidates.append(owner)
-        if pending:
-            for node in await self.holders(chunk):
-                if node != self.node_id and node in members and node not in candidates:
-                    candidates.append(node)
-        for node in candidates:
+        ranking = ownership.ranked(chunk, members)
+        plan: list[tuple[int, bool]] = []
+        if ranking and ranking[0] != self.node_id:
+            plan.append((ranking[0], False))
+        runner_up = next((n for n in ranking[1:] if n != self.node_id), None)
+        if runner_up is not None:
+            plan.append((runner_up, True))
+        asked = {node for node, _ in plan}
+        for node in holders:
+            if node != self.node_id and node in members and node not in asked:
+                plan.append((node, True))
+                asked.add(node)
+        return plan
+
+    async def fetch(self, chunk: str, length: int, *, pending: bool = False) -> bytes | bytearray | None:
+        """The chunk from a peer, verified; None when no peer could give it.
+        `pending`: the object store may not have it yet, so ask its holders too."""
+        members = self.members()
+        data = await self._ask(chunk, length, self.plan(chunk), members)
+        if data is None and pending:
+            asked = {node for node, _ in self.plan(chunk)}
+            extra = [step for step in self.plan(chunk, await self.holders(chunk)) if step[0] not in asked]
+            data = await self._ask(chunk, length, extra, members)
+        return data
+
+    async def _ask(self, chunk: str, length: int, plan: list[tuple[int, bool]],
+                   members: dict[int, str]) -> bytes | bytearray | None:
+        for node, cached_only in plan:
+            address = members.get(node)
+            if address is None:
+                continue
             started = time.monotonic()
             try:
-                data = await self.client.get(members[node], chunk, length)
+                async with self.budget:
+                    data = await self.client.get(address, chunk, length, cached_only=cached_only)
+                    actual = await trio.to_thread.run_sync(hash_chunk, data, limiter=self.hash_limiter)
             except PeerError as exc:
-                metrics.CHUNK_FETCHES.labels(self.tier, "error").inc()
-                log.info("peer could not give a chunk", extra={"chunk": chunk, "node": node, "error": str(exc)})
+                if not exc.absent:
+                    metrics.CHUNK_FETCHES.labels(self.tier, "error").inc()
+                    log.info("peer could not give a chunk", extra={"chunk": chunk, "node": node, "error": str(exc)})
                 continue
-            actual = await trio.to_thread.run_sync(hash_chunk, data, limiter=self.hash_limiter)
             if actual != chunk:
                 metrics.CHUNK_FETCHES.labels(self.tier, "corrupt").inc()
                 log.error("a peer sent bytes that do not match their chunk id",
@@ -86,7 +119,7 @@ class PeerTier:
                 continue
             metrics.CHUNK_FETCHES.labels(self.tier, "ok").inc()
             metrics.CHUNK_FETCH_SECONDS.labels(self.tier).observe(time.monotonic() - started)
-            return bytes(data)
+            return data
         return None
 
     # ---- sharing ------------------------------------------------------------------------
@@ -104,7 +137,7 @@ class PeerTier:
 
     async def _share_one(self, chunk: str, owner: int) -> None:
         try:
-            async with self.share_limiter:
+            async with self.share_limiter, self.budget:
                 address = self.members().get(owner)
                 if address is None:
                     return

@@ -68,11 +68,12 @@ STALL_RETRY_KICK_SECONDS = 5.0
 class _Fetch:
     """One fetch in flight; the readers waiting on it share its outcome."""
 
-    __slots__ = ("done", "data", "error")
+    __slots__ = ("done", "data", "tier", "error")
 
     def __init__(self) -> None:
         self.done = trio.Event()
-        self.data: bytes | None = None
+        self.data: bytes | bytearray | None = None
+        self.tier = ""  # the tier that served it
         self.error: BaseException | None = None
 
 
@@ -187,13 +188,16 @@ class ChunkSource:
         if data is not None:
             metrics.READ_BYTES.labels("cache").inc(len(data))
             return data
-        whole = await self.fetch(ref, deadline)
-        metrics.READ_BYTES.labels(self.store.tier).inc(end - offset)
-        return whole[offset:end]
+        whole, tier = await self._fetch(ref, deadline)
+        metrics.READ_BYTES.labels(tier).inc(end - offset)
+        return bytes(memoryview(whole)[offset:end])
 
-    async def fetch(self, ref: ChunkRef, deadline: float | None = None, use_peers: bool = True) -> bytes:
-        """Bring a chunk into the cache (single-flight) and return its bytes.
-        `use_peers=False`: the owner fetching for the others, from the store."""
+    async def fetch(self, ref: ChunkRef, deadline: float | None = None) -> bytes | bytearray:
+        """Bring a chunk into the cache (single-flight) and return its bytes."""
+        return (await self._fetch(ref, deadline))[0]
+
+    async def _fetch(self, ref: ChunkRef, deadline: float | None) -> tuple[bytes | bytearray, str]:
+        """The chunk's bytes and the tier that served them."""
         if deadline is None:
             deadline = self.deadline()
         while True:
@@ -205,13 +209,13 @@ class ChunkSource:
             if scope.cancelled_caught:
                 raise self._gave_up(ref, f"not available after {self.wait_timeout_seconds:g} s")
             if pending.data is not None:
-                return pending.data
+                return pending.data, pending.tier
             if pending.error is not None and (trio.current_time() >= deadline or self.aborting):
                 raise errors.FsError(str(pending.error))
             # It failed for a reader with an earlier deadline: try on our own.
         pending = self._inflight[ref.chunk_id] = _Fetch()
         try:
-            data = await self._fetch_verified(ref, deadline, use_peers)
+            data, tier = await self._fetch_verified(ref, deadline)
             # No room (the cache is full of chunks not uploaded yet), or the
             # cache's disk fails: the reader gets the bytes all the same, they
             # are just not kept.
@@ -219,8 +223,8 @@ class ChunkSource:
                 await trio.to_thread.run_sync(self.cache.put, ref.chunk_id, data, False, limiter=self.disk_limiter)
             except OSError as exc:
                 log.warning("could not keep a fetched chunk in the cache", extra={"chunk": ref.chunk_id, "error": str(exc)})
-            pending.data = data
-            return data
+            pending.data, pending.tier = data, tier
+            return data, tier
         except Exception as exc:
             pending.error = exc
             raise
@@ -271,15 +275,16 @@ class ChunkSource:
         finally:
             self.prefetch_slots += 1
 
-    async def _fetch_verified(self, ref: ChunkRef, deadline: float, use_peers: bool = True) -> bytes:
-        peers = self.peers if use_peers else None
+    async def _fetch_verified(self, ref: ChunkRef, deadline: float) -> tuple[bytes | bytearray, str]:
+        peers = self.peers
         if peers is not None:
-            # The owner first; then, if the chunk is not uploaded yet, the
-            # nodes holding it (one metadata read), before the store.
+            # The owner (or, on the owner itself, the runner-up's cache); then,
+            # if the chunk is not uploaded yet, the nodes holding it (one
+            # metadata read), before the store.
             with self._wait(deadline):
                 data = await peers.fetch(ref.chunk_id, ref.length, pending=True)
                 if data is not None:
-                    return data
+                    return data, peers.tier
         delay = 0.05
         while True:
             started = time.monotonic()
@@ -302,7 +307,7 @@ class ChunkSource:
                     raise errors.ChunkCorrupt(ref.chunk_id, self.store.describe())
                 metrics.CHUNK_FETCHES.labels(self.store.tier, "ok").inc()
                 metrics.CHUNK_FETCH_SECONDS.labels(self.store.tier).observe(time.monotonic() - started)
-                return data
+                return data, self.store.tier
             except errors.StoreError as exc:
                 if not exc.temporary:
                     raise self._gave_up(ref, str(exc)) from exc
@@ -312,7 +317,7 @@ class ChunkSource:
                     with self._wait(deadline):
                         data = await peers.fetch(ref.chunk_id, ref.length, pending=True)
                         if data is not None:
-                            return data
+                            return data, peers.tier
                 if isinstance(exc, errors.ChunkMissing):
                     log.info("waiting for chunk to appear in the object store", extra={"chunk": ref.chunk_id})
                 with self._wait(deadline) as scope:
