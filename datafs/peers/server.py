@@ -21,6 +21,7 @@ import errno
 import logging
 import os
 import re
+import select
 from typing import Awaitable, Callable
 
 import h11
@@ -63,7 +64,7 @@ class PeerServer:
         self.cache = cache
         self.on_miss = on_miss
         self.read_timeout_seconds = read_timeout_seconds
-        self.disk_limiter = disk_limiter or trio.CapacityLimiter(4)
+        self.disk_limiter = disk_limiter or trio.CapacityLimiter(8)
         # Chunk bodies held in memory at once (shared with the peer tier's
         # fetches and shares): a PUT waits for a slot before reading its body.
         self.budget = budget or trio.Semaphore(16)
@@ -187,15 +188,22 @@ class PeerServer:
         except FileNotFoundError:  # evicted a moment ago
             return None
 
-    @staticmethod
-    async def _sendfile(stream: trio.SocketStream, body: _FileRange) -> None:
-        sock = stream.socket
+    async def _sendfile(self, stream: trio.SocketStream, body: _FileRange) -> None:
+        """On a worker thread: a chunk not in the page cache is read from the
+        disk inside sendfile, which must not stall the event loop."""
+        await trio.to_thread.run_sync(self._sendfile_blocking, stream.socket.fileno(), body.fd, body.size,
+                                      limiter=self.disk_limiter)
+
+    def _sendfile_blocking(self, sock_fd: int, fd: int, size: int) -> None:
+        poller = select.poll()
+        poller.register(sock_fd, select.POLLOUT)
         offset = 0
-        while offset < body.size:
+        while offset < size:
             try:
-                offset += os.sendfile(sock.fileno(), body.fd, offset, body.size - offset)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
+                offset += os.sendfile(sock_fd, fd, offset, size - offset)
+            except BlockingIOError:  # the socket is non-blocking (trio's): wait until it drains
+                if not poller.poll(self.read_timeout_seconds * 1000):
+                    raise trio.TooSlowError() from None
 
     async def _store_chunk(self, stream: trio.SocketStream, conn: h11.Connection, chunk: str, body: bytes | None) -> None:
         if body is None:

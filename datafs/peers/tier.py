@@ -39,7 +39,7 @@ class PeerTier:
         self, node_id: int, client: PeerClient, cache: ChunkCache, *,
         members: Callable[[], dict[int, str]],
         holders: Callable[[str], Awaitable[list[int]]],
-        share_concurrency: int = 4, hash_limiter: trio.CapacityLimiter | None = None,
+        share_concurrency: int = 4,
         budget: trio.Semaphore | None = None,
     ):
         self.node_id = node_id
@@ -47,10 +47,10 @@ class PeerTier:
         self.cache = cache
         self.members = members
         self.holders = holders
-        self.hash_limiter = hash_limiter or trio.CapacityLimiter(2)
         self.share_limiter = trio.CapacityLimiter(share_concurrency)
-        # Chunk bodies in memory at once for peer traffic (fetches, shares and
-        # the server's PUTs share it): `peer_inflight_bytes` in whole chunks.
+        # Chunk bodies in memory at once for peer traffic (fetches here, the
+        # server's PUTs there; shares are sent from the cache file):
+        # `peer_inflight_bytes` in whole chunks.
         self.budget = budget or trio.Semaphore(16)
         self.sharing: set[str] = set()
         self.nursery: trio.Nursery | None = None
@@ -104,9 +104,9 @@ class PeerTier:
                 continue
             started = time.monotonic()
             try:
-                async with self.budget:
-                    data = await self.client.get(address, chunk, length, cached_only=cached_only)
-                    actual = await trio.to_thread.run_sync(hash_chunk, data, limiter=self.hash_limiter)
+                async with self.budget:  # received and hashed on one worker thread
+                    data, actual = await self.client.get(address, chunk, length, cached_only=cached_only,
+                                                         verify=hash_chunk)
             except PeerError as exc:
                 if not exc.absent:
                     metrics.CHUNK_FETCHES.labels(self.tier, "error").inc()
@@ -137,14 +137,11 @@ class PeerTier:
 
     async def _share_one(self, chunk: str, owner: int) -> None:
         try:
-            async with self.share_limiter, self.budget:
+            async with self.share_limiter:
                 address = self.members().get(owner)
                 if address is None:
                     return
-                data = await trio.to_thread.run_sync(self._read_whole, chunk, limiter=self.hash_limiter)
-                if data is None:
-                    return
-                await self.client.put(address, chunk, data)
+                await self.client.put(address, chunk, path=self.cache.path(chunk))  # sendfile from the cache
                 metrics.PEER_SHARES.labels("ok").inc()
         except PeerError as exc:
             metrics.PEER_SHARES.labels("error").inc()
@@ -153,9 +150,3 @@ class PeerTier:
         finally:
             self.sharing.discard(chunk)
             metrics.PEER_SHARES_PENDING.set(len(self.sharing))
-
-    def _read_whole(self, chunk: str) -> bytes | None:
-        try:
-            return self.cache.path(chunk).read_bytes()
-        except FileNotFoundError:
-            return None
