@@ -407,15 +407,21 @@ def cmd_sync(args: argparse.Namespace) -> int:
             print(f"sync: {pending['chunks']} chunks ({_format_bytes(left)}) left"
                   + (f", {failing} failing: {sample}" if failing else ""), file=sys.stderr, flush=True)
             next_line = now + 5.0
-        if not pending["chunks"]:
+        # With the peer tier, also wait until new chunks reach their owners.
+        sharing = pending.get("sharing", 0)
+        if not pending["chunks"] and not sharing:
             if progress is not None:
                 progress.close()
             print(f"sync: {first['chunks']} chunks ({_format_bytes(first['bytes'])}) uploaded in "
-                  f"{time.monotonic() - started:.1f} s; nothing committed is waiting for the object store")
+                  f"{time.monotonic() - started:.1f} s; nothing committed is waiting for the object store"
+                  + (" or for its peers" if "sharing" in first else ""))
             return 0
         if now > deadline:
             if progress is not None:
                 progress.close()
+            if not pending["chunks"]:
+                raise UsageError(f"{sharing} chunks still being shared with their owners after {args.timeout:.0f} s"
+                                 f"; see 'datafs status {info.mountpoint}'")
             raise UsageError(f"{pending['chunks']} chunks ({_format_bytes(left)}) still pending after {args.timeout:.0f} s"
                              + (f" ({failing} failing: {sample})" if failing else "")
                              + f"; see 'datafs status {info.mountpoint}'")

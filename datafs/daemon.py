@@ -538,15 +538,20 @@ class Daemon:
     async def _control_pending(self, query: dict, body: dict | None) -> dict:
         """Chunks not yet in the object store: this node's committed ones (from
         the uploader, as status counts them), or (with `inodes`) those of the
-        named files, wherever in the fleet they are pending."""
+        named files, wherever in the fleet they are pending; and how many of
+        them this node is still pushing to their owners (`sharing`)."""
         inodes = (body or {}).get("inodes")
+        sharing = self.peer_tier.sharing if self.peer_tier is not None else None
         if inodes is None:
             snapshot = self.uploader.snapshot()
-            return {
+            answer = {
                 "chunks": snapshot["pending_chunks"], "bytes": snapshot["pending_bytes"],
                 "failing": snapshot["failing_chunks"], "failing_sample": snapshot["failing_sample"],
                 "open_files_unsaved": sum(1 for c in self.ops.contents.values() if c.dirty),
             }
+            if sharing is not None:
+                answer["sharing"] = len(sharing)
+            return answer
         if not isinstance(inodes, list) or not all(isinstance(i, int) for i in inodes):
             raise ControlError(400, "inodes must be a list of inode numbers")
         wanted: dict[str, int] = {}
@@ -555,10 +560,13 @@ class Daemon:
                 wanted[ref.chunk_id] = ref.length
         pending = {chunk for _, chunk, _ in await self.calls.in_thread(self.meta.all_pending)} & set(wanted)
         failing = {c: e for c, e in self.uploader.failing.items() if c in pending}
-        return {
+        answer = {
             "chunks": len(pending), "bytes": sum(wanted[c] for c in pending),
             "failing": len(failing), "failing_sample": dict(list(failing.items())[:3]),
         }
+        if sharing is not None:
+            answer["sharing"] = len(sharing & wanted.keys())
+        return answer
 
     async def _control_retry(self, query: dict, body: dict | None) -> dict:
         self.uploader.retry_now()

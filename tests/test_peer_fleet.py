@@ -6,8 +6,11 @@ loopback port (18740-18749) with a shared fleet secret.
 What a fleet user relies on: a node reads what another wrote before it is
 uploaded (even with the object store down); nodes reading the same cold file
 ask the object store about once per chunk in all, the owners fetching for
-everyone; a peer that lies or dies never fails a read another tier can
-serve; the fleet secret shows nowhere.
+everyone; `datafs sync` returns once new chunks are with their owners too; a
+peer that lies (wrong bytes), dies (before or in the middle of a read),
+stalls (SIGSTOP: it accepts and never answers), or joins and leaves during a
+read never fails a read another tier can serve; the fleet secret shows
+nowhere.
 """
 
 from __future__ import annotations
@@ -136,7 +139,7 @@ def test_cold_readers_ask_the_store_about_once_per_chunk(fleet):
     assert store_gets <= chunks * 1.3, store_gets
 
 
-def test_a_peer_that_dies_mid_read_fails_no_read(fleet):
+def test_a_dead_peer_still_listed_fails_no_read(fleet):
     a, b = fleet("a"), fleet("b")
     wait_members(b, 2)
     data = os.urandom(8 * C)
@@ -178,3 +181,128 @@ def test_peer_listen_needs_a_secret_and_a_shared_engine(tmp_path, pg_url):
     no_engine = run_cli("mount", str(target), "--state-dir", str(tmp_path / "s2"),
                         "--peer-listen", f"127.0.0.1:{PEER_PORT + 9}", env={"DATAFS_PEER_SECRET": SECRET}, check=False)
     assert no_engine.returncode != 0 and "--meta" in no_engine.stderr
+
+
+def counter(mount: Mount, name: str, **labels: str) -> float:
+    """One sample of this node's metrics (0 when absent)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{mount.metrics_port}/metrics", timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def paced_read(path, pause_seconds: float) -> bytes:
+    """Read a file 4 MiB at a time, pausing between reads, so faults can land mid-read."""
+    import time
+
+    parts = []
+    with open(path, "rb", buffering=0) as f:
+        while block := f.read(C):
+            parts.append(block)
+            time.sleep(pause_seconds)
+    return b"".join(parts)
+
+
+def test_sync_waits_until_new_chunks_reach_their_owners(fleet):
+    from datafs.chunks import chunk_id
+    from datafs.peers import ownership
+
+    a, b = fleet("a"), fleet("b")
+    wait_members(a, 2)
+    data = os.urandom(12 * C)
+    write(a.path / "shared.bin", data)
+    out = run_cli("sync", str(a.path)).stdout
+    assert "or for its peers" in out
+    status = run_cli("status", str(b.path)).stdout
+    b_node = int(re.search(r"node (\d+)", status).group(1))
+    peer_line = next(line for line in status.splitlines() if line.startswith("peer tier:"))
+    members = [int(n) for n in re.findall(r"(\d+) \(127\.0\.0\.1:\d+\)", peer_line)]
+    assert b_node in members and len(members) == 2, status
+    owned = [chunk_id(data[i:i + C]) for i in range(0, len(data), C)]
+    owned = [c for c in owned if ownership.owner(c, members) == b_node]
+    assert owned, "B owns none of 12 chunks: ownership is not spread"
+    cached = {p.name for p in (b.state_dir / "cache" / "chunks").rglob("*") if p.is_file()}
+    assert set(owned) <= cached, "sync returned before every chunk reached its owner"
+
+
+def test_a_peer_that_sends_wrong_bytes_is_caught_and_the_read_succeeds(fleet):
+    a = fleet("a")
+    data = os.urandom(4 * C)
+    write(a.path / "model.bin", data)
+    run_cli("sync", str(a.path))
+    # A's cache now lies: same sizes, one byte changed in every chunk.
+    for path in (a.state_dir / "cache" / "chunks").rglob("*"):
+        if path.is_file():
+            with open(path, "r+b") as f:
+                first = f.read(1)
+                f.seek(0)
+                f.write(bytes([first[0] ^ 0xFF]))
+    b = fleet("b")
+    wait_members(b, 2)
+    assert sha(read_fresh(b.path / "model.bin")) == sha(data)
+    assert counter(b, "datafs_chunk_fetches_total", tier="peer", result="corrupt") >= 1
+    assert counter(b, "datafs_chunk_fetches_total", tier="peer", result="ok") == 0
+    assert "do not match their chunk id" in b.log
+
+
+def test_a_peer_killed_mid_transfer_fails_no_read(fleet):
+    import threading
+    import time
+
+    a = fleet("a")
+    data = os.urandom(48 * C)
+    write(a.path / "big.bin", data)
+    run_cli("sync", str(a.path))
+    b = fleet("b", env={"DATAFS_PEER_INFLIGHT": "8M"})  # two chunks in memory at once: the bound holds
+    wait_members(b, 2)
+    got: dict[str, bytes] = {}
+    reader = threading.Thread(target=lambda: got.setdefault("data", paced_read(b.path / "big.bin", 0.05)))
+    reader.start()
+    deadline = time.monotonic() + 60
+    while counter(b, "datafs_chunk_fetches_total", tier="peer", result="ok") < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    a.kill()
+    reader.join(120)
+    assert not reader.is_alive()
+    assert sha(got["data"]) == sha(data)
+    # Some chunks came from A before it died; the rest from the store.
+    assert counter(b, "datafs_chunk_fetches_total", tier="peer", result="ok") >= 4
+    assert counter(b, "datafs_chunk_fetches_total", tier="store", result="ok") >= 1
+
+
+def test_a_stalled_peer_costs_bounded_waits(fleet):
+    import signal
+
+    a = fleet("a")
+    data = os.urandom(6 * C)
+    write(a.path / "model.bin", data)
+    run_cli("sync", str(a.path))
+    b = fleet("b")
+    wait_members(b, 2)
+    os.kill(a.pid, signal.SIGSTOP)  # it accepts connections (the kernel does) and never answers
+    try:
+        assert sha(read_fresh(b.path / "model.bin")) == sha(data)
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    assert counter(b, "datafs_chunk_fetches_total", tier="store", result="ok") >= 1
+    assert counter(b, "datafs_chunk_fetches_total", tier="peer", result="error") >= 1
+
+
+def test_members_joining_and_leaving_during_a_read(fleet):
+    import threading
+
+    a, b = fleet("a"), fleet("b")
+    wait_members(b, 2)
+    data = os.urandom(40 * C)
+    write(a.path / "big.bin", data)
+    run_cli("sync", str(a.path))
+    got: dict[str, bytes] = {}
+    reader = threading.Thread(target=lambda: got.setdefault("data", paced_read(b.path / "big.bin", 0.1)))
+    reader.start()
+    c = fleet("c")  # joins: it now owns a third of the chunks, none of them cached
+    wait_members(b, 3)
+    c.umount()  # and leaves before the read ends
+    reader.join(120)
+    assert not reader.is_alive()
+    assert sha(got["data"]) == sha(data)
