@@ -41,6 +41,7 @@ import trio
 from . import errors, mounts
 from .control import ControlError, ControlServer
 from .chunks.cache import FD_CACHE_SIZE, ChunkCache
+from .chunks.ledger import ChunkLedger
 from .chunks.content import ContentService
 from .config import CHUNK_SIZE_BYTES, Settings
 from .errors import MetaUnavailable, UsageError
@@ -252,13 +253,14 @@ class Daemon:
         self.cache = ChunkCache(cache_dir, s.cache_size_bytes, s.cache_min_free_bytes)
         self.cache.open()
         self._recover()
+        self.ledger = ChunkLedger(self.cache)
         self.source = ChunkSource(
             self.cache, self.store, wait_timeout_seconds=s.chunk_wait_timeout_seconds,
-            space_wait_seconds=s.write_stall_timeout_seconds,
+            space_wait_seconds=s.write_stall_timeout_seconds, ledger=self.ledger,
         )
         self.uploader = Uploader(
             self.meta, self.cache, self.store, self.calls, s.upload_concurrency,
-            max_backoff_seconds=s.upload_retry_max_seconds,
+            max_backoff_seconds=s.upload_retry_max_seconds, ledger=self.ledger,
         )
         self.source.connect_uploader(self.uploader)
         orphan_grace = s.orphan_grace_seconds if shared else 0.0
@@ -307,7 +309,7 @@ class Daemon:
         self.peer_client = PeerClient(secret, io_timeout_seconds=s.peer_timeout_seconds)
         budget = trio.Semaphore(max(1, s.peer_inflight_bytes // CHUNK_SIZE_BYTES))
         self.peer_tier = PeerTier(
-            self.meta.node_id, self.peer_client, self.cache,
+            self.meta.node_id, self.peer_client, self.cache, self.ledger,
             members=lambda: self.sessions.peers,
             holders=lambda chunk: self.calls(self.meta.chunk_holders, chunk),
             budget=budget,
@@ -531,7 +533,7 @@ class Daemon:
             "chunks_at_risk": len(self.sessions.at_risk),
             "peer_listen": self.settings.peer_listen,
             "peer_members": {str(n): a for n, a in sorted(self.sessions.peers.items())},
-            "shares_pending": len(self.peer_tier.sharing) if self.peer_tier else 0,
+            "shares_pending": len(self.ledger.sharing),
             "at_risk_sample": [{"node": n, "chunk": c} for n, c in self.sessions.at_risk[:5]],
         }
 
@@ -541,7 +543,7 @@ class Daemon:
         named files, wherever in the fleet they are pending; and how many of
         them this node is still pushing to their owners (`sharing`)."""
         inodes = (body or {}).get("inodes")
-        sharing = self.peer_tier.sharing if self.peer_tier is not None else None
+        sharing = self.ledger.sharing if self.peer_tier is not None else None
         if inodes is None:
             snapshot = self.uploader.snapshot()
             answer = {

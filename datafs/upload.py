@@ -18,8 +18,8 @@ Chunks also start uploading as soon as they are sealed, before their file is
 committed (`upload_sealed`): that overlaps uploading with writing, and lets a
 file larger than the cache be written, because a sealed chunk the store has
 needs no cache pin. Such an early upload is retried only while the chunk is
-still held for its commit (`forget_early` stops it the moment the last hold
-goes); the commit then queues it as usual, and the durable path finds it in
+still held for its commit (it stops the moment the ledger says the last hold
+went); the commit then queues it as usual, and the durable path finds it in
 the store and only marks it uploaded. A file that is never committed (deleted
 while open, a failed close, or a crash) may leave its early chunks in the
 store unreferenced.
@@ -54,6 +54,7 @@ import trio
 
 from . import errors, metrics
 from .chunks.cache import ChunkCache
+from .chunks.ledger import ChunkLedger
 from .meta.calls import MetaCalls
 from .meta.store import UPLOAD_DONE, MetaStore
 from .tiers.chain import ChunkSource
@@ -75,10 +76,11 @@ MARK_BATCH_SECONDS = 0.05
 class Uploader:
     def __init__(
         self, meta: MetaStore, cache: ChunkCache, store: ObjectStore, calls: MetaCalls, concurrency: int = 16,
-        max_backoff_seconds: float = MAX_BACKOFF_SECONDS,
+        max_backoff_seconds: float = MAX_BACKOFF_SECONDS, *, ledger: ChunkLedger,
     ):
         self.meta = meta
         self.cache = cache
+        self.ledger = ledger
         self.store = store
         self.calls = calls
         self.concurrency = concurrency
@@ -97,10 +99,6 @@ class Uploader:
         self._marks: list[tuple[str, bytes, trio.Event, list]] = []
         self._mark_wake = trio.Event()
         self._nursery: trio.Nursery | None = None
-        # Told when a chunk is in the store (the chain drops its seal pin).
-        self.on_stored: Callable[[str], None] = lambda chunk: None
-        # Whether an early upload is still wanted (the chunk is still sealed).
-        self.still_sealed: Callable[[str], bool] = lambda chunk: False
 
     @property
     def pending_count(self) -> int:
@@ -116,7 +114,7 @@ class Uploader:
             if chunk in self._queued:
                 continue
             size = (sizes or {}).get(chunk, 0)
-            self.cache.pin(chunk)
+            self.ledger.pending(chunk)
             self._queued[chunk] = (size, (since_ns or {}).get(chunk, now))
             self._queued_bytes += size
             self._queue.append(chunk)
@@ -144,39 +142,41 @@ class Uploader:
         self._early[chunk] = (trio.Event(), trio.CancelScope())
         self._nursery.start_soon(self._upload_early, chunk)
 
-    def forget_early(self, chunk: str) -> None:
-        """No commit holds this chunk any more (a failed or discarded file):
-        stop its early upload now, and stop reporting it as failing."""
-        if chunk in self._queued:
-            return
-        early = self._early.get(chunk)
-        if early is not None:
-            early[1].cancel()
-        if self.failing.pop(chunk, None) is not None:
-            self._publish()
+    async def _stop_when_released(self, chunk: str, scope: trio.CancelScope) -> None:
+        """No commit holds this chunk any more (a failed or discarded file, not
+        a committed one): stop its early upload now."""
+        await self.ledger.released(chunk).wait()
+        if chunk not in self._queued:
+            scope.cancel()
 
     async def _upload_early(self, chunk: str) -> None:
         done, scope = self._early[chunk]
         try:
-            with scope:
-                # Noted first: if this node dies before the commit, the object
-                # must not stay in the store with nothing naming it.
-                try:
-                    size = self.cache.path(chunk).stat().st_size
-                    await self.calls(self.meta.note_early_upload, chunk, size)
-                except (OSError, errors.MetaUnavailable) as exc:
-                    log.info("early upload skipped; the commit uploads the chunk", extra={"chunk": chunk, "error": str(exc)})
-                    return
-                if await self._upload(chunk, keep_trying=lambda: self.still_sealed(chunk) and chunk not in self._queued):
-                    self.on_stored(chunk)
-                    self._signal_progress()
-            if chunk not in self._queued and not self.still_sealed(chunk):
+            async with trio.open_nursery() as watch:
+                watch.start_soon(self._stop_when_released, chunk, scope)
+                await self._upload_early_in(chunk, scope)
+                watch.cancel_scope.cancel()
+            if chunk not in self._queued and not self.ledger.is_sealed(chunk):
                 # Discarded before it was committed: not a failure to report.
                 if self.failing.pop(chunk, None) is not None:
                     self._publish()
         finally:
             del self._early[chunk]
             done.set()
+
+    async def _upload_early_in(self, chunk: str, scope: trio.CancelScope) -> None:
+        with scope:
+            # Noted first: if this node dies before the commit, the object
+            # must not stay in the store with nothing naming it.
+            try:
+                size = self.cache.path(chunk).stat().st_size
+                await self.calls(self.meta.note_early_upload, chunk, size)
+            except (OSError, errors.MetaUnavailable) as exc:
+                log.info("early upload skipped; the commit uploads the chunk", extra={"chunk": chunk, "error": str(exc)})
+                return
+            if await self._upload(chunk, keep_trying=lambda: self.ledger.is_sealed(chunk) and chunk not in self._queued):
+                self.ledger.stored(chunk)
+                self._signal_progress()
 
     def _signal_progress(self) -> None:
         self._progress.set()
@@ -270,8 +270,7 @@ class Uploader:
                     await early[0].wait()
                 await self._upload(chunk)
                 self._dequeue(chunk)
-                self.cache.unpin(chunk)
-                self.on_stored(chunk)
+                self.ledger.stored(chunk, pending=True)
                 self._publish()
                 self._signal_progress()
 
@@ -376,20 +375,18 @@ class Collector:
     async def collect(self) -> int:
         deleted = 0
         cache, store = self.source.cache, self.source.store
+        ledger = self.source.ledger
         for chunk in await self.calls.in_thread(self.meta.garbage, 1024, self.grace_ns):
-            if self.source.is_held(chunk) or chunk in self.source.deleting:
+            if ledger.in_use(chunk):
                 continue
-            done = self.source.deleting[chunk] = trio.Event()
-            try:
-                if await self.calls.in_thread(self.meta.begin_delete, chunk, self.grace_ns):
-                    await trio.to_thread.run_sync(cache.remove, chunk)
-                    await trio.to_thread.run_sync(store.delete, chunk)
-                    if await self.calls.in_thread(self.meta.finish_delete, chunk):
-                        metrics.GC_CHUNKS.inc()
-                        deleted += 1
-            except (errors.StoreError, errors.MetaUnavailable, OSError) as exc:
-                log.warning("garbage collection of a chunk failed", extra={"chunk": chunk, "error": str(exc)})
-            finally:
-                del self.source.deleting[chunk]
-                done.set()
+            with ledger.deleting(chunk):
+                try:
+                    if await self.calls.in_thread(self.meta.begin_delete, chunk, self.grace_ns):
+                        await trio.to_thread.run_sync(cache.remove, chunk)
+                        await trio.to_thread.run_sync(store.delete, chunk)
+                        if await self.calls.in_thread(self.meta.finish_delete, chunk):
+                            metrics.GC_CHUNKS.inc()
+                            deleted += 1
+                except (errors.StoreError, errors.MetaUnavailable, OSError) as exc:
+                    log.warning("garbage collection of a chunk failed", extra={"chunk": chunk, "error": str(exc)})
         return deleted

@@ -28,7 +28,7 @@ def leftovers(s: Stack) -> dict:
     return {
         "pinned": s.cache.pinned(),
         "buffers": s.svc.buffers,
-        "held": dict(s.source._held),
+        "held": s.source.ledger.holds,
         "early": list(s.uploader._early),
         "failing": dict(s.uploader.failing),
     }

@@ -76,7 +76,7 @@ class Stack:
         self.cache.open()
         calls = MetaCalls()
         self.source = ChunkSource(self.cache, self.store, wait_timeout_seconds=wait_timeout)
-        self.uploader = Uploader(self.meta, self.cache, self.store, calls, concurrency=4)
+        self.uploader = Uploader(self.meta, self.cache, self.store, calls, concurrency=4, ledger=self.source.ledger)
         self.source.connect_uploader(self.uploader)
         self.collector = Collector(self.meta, self.source, calls, interval_seconds=3600)
         self.svc = ContentService(self.meta, self.source, calls, self.uploader.enqueue, 64 << 20)

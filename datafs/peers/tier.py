@@ -26,6 +26,7 @@ import trio
 from .. import metrics
 from ..chunks import chunk_id as hash_chunk
 from ..chunks.cache import ChunkCache
+from ..chunks.ledger import ChunkLedger
 from . import ownership
 from .client import PeerClient, PeerError
 
@@ -36,7 +37,7 @@ class PeerTier:
     tier = "peer"
 
     def __init__(
-        self, node_id: int, client: PeerClient, cache: ChunkCache, *,
+        self, node_id: int, client: PeerClient, cache: ChunkCache, ledger: ChunkLedger, *,
         members: Callable[[], dict[int, str]],
         holders: Callable[[str], Awaitable[list[int]]],
         share_concurrency: int = 4,
@@ -45,6 +46,7 @@ class PeerTier:
         self.node_id = node_id
         self.client = client
         self.cache = cache
+        self.ledger = ledger
         self.members = members
         self.holders = holders
         self.share_limiter = trio.CapacityLimiter(share_concurrency)
@@ -52,7 +54,6 @@ class PeerTier:
         # server's PUTs there; shares are sent from the cache file):
         # `peer_inflight_bytes` in whole chunks.
         self.budget = budget or trio.Semaphore(16)
-        self.sharing: set[str] = set()
         self.nursery: trio.Nursery | None = None
 
     def owner(self, chunk: str) -> int | None:
@@ -129,10 +130,8 @@ class PeerTier:
             return
         for chunk in chunk_ids:
             owner = self.owner(chunk)
-            if owner is None or owner == self.node_id or chunk in self.sharing:
+            if owner is None or owner == self.node_id or not self.ledger.share_started(chunk):
                 continue
-            self.sharing.add(chunk)
-            metrics.PEER_SHARES_PENDING.set(len(self.sharing))
             self.nursery.start_soon(self._share_one, chunk, owner)
 
     async def _share_one(self, chunk: str, owner: int) -> None:
@@ -148,5 +147,4 @@ class PeerTier:
             log.info("sharing a chunk with its owner failed; it reads it from the store",
                      extra={"chunk": chunk, "node": owner, "error": str(exc)})
         finally:
-            self.sharing.discard(chunk)
-            metrics.PEER_SHARES_PENDING.set(len(self.sharing))
+            self.ledger.share_ended(chunk)

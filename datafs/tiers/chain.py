@@ -21,9 +21,9 @@ they are fetched into the cache in the background, at most `prefetch_chunks` at
 a time (that bounds the memory in flight), so a cold sequential read keeps many
 requests to the store in flight instead of one.
 
-Sealing is the write side: hash a buffer, hold the id (so the collector does
-not delete it before the metadata commit), pin it in the cache (so nothing
-evicts the only copy), store it, and hand it to the uploader at once: chunks
+Sealing is the write side: hash a buffer, hold the id in the ledger (so the
+collector does not delete it before the metadata commit, and the cache does
+not evict the only copy), store it, and hand it to the uploader at once: chunks
 are immutable, so they can go to the object store while the file is still
 being written. Once the store has a sealed chunk its pin goes, so a file
 larger than the cache can be written while uploads keep up; the hold stays
@@ -37,19 +37,19 @@ All blocking work runs in worker threads, each resource behind its own limiter.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
 import logging
 import random
 import time
-from typing import Awaitable, Callable, Iterator
+from typing import Iterator
 
 import trio
 
 from .. import errors, metrics
 from ..chunks import chunk_id as hash_chunk
 from ..chunks.cache import ChunkCache
+from ..chunks.ledger import ChunkLedger
 from ..meta.calls import _ABANDON_KW
 from ..meta.store import ChunkRef
 from .store import ObjectStore
@@ -81,7 +81,7 @@ class ChunkSource:
     def __init__(
         self, cache: ChunkCache, store: ObjectStore, *,
         wait_timeout_seconds: float = 300.0, fetch_concurrency: int = 16, disk_concurrency: int = 8,
-        prefetch_chunks: int = 16, space_wait_seconds: float = 60.0,
+        prefetch_chunks: int = 16, space_wait_seconds: float = 60.0, ledger: ChunkLedger | None = None,
     ):
         self.cache = cache
         self.store = store
@@ -90,39 +90,27 @@ class ChunkSource:
         self.store_limiter = trio.CapacityLimiter(fetch_concurrency)
         self._inflight: dict[str, _Fetch] = {}
         self._opening: set[str] = set()  # cached chunks being opened ahead of a reader
-        # Chunks the garbage collector is deleting right now: a seal of the
-        # same id waits until the deletion is done, then writes it afresh.
-        self.deleting: dict[str, trio.Event] = {}
+        # Each chunk's state on this node (held, pinned, stored, deleting,
+        # shared): the uploader, the collector and the peer tier use the same one.
+        self.ledger = ledger or ChunkLedger(cache)
         self.prefetch_slots = prefetch_chunks
         # Back-pressure: when the cache is full of pinned (not yet uploaded)
         # chunks, a writer waits this long for uploads to free space, then ENOSPC.
         self.space_wait_seconds = space_wait_seconds
-        self.wait_for_uploads: Callable[[], Awaitable[None]] | None = None
-        self.kick_uploads: Callable[[], None] = lambda: None
-        # Called with each newly sealed chunk id (the uploader starts on it),
-        # and with each chunk no commit holds any more (its early upload stops).
-        self.on_sealed: Callable[[str], None] = lambda chunk: None
-        self.on_released: Callable[[str], None] = lambda chunk: None
+        # Sealed chunks start uploading at once; a writer stalled on a full
+        # cache waits for uploads (`connect_uploader`).
+        self.uploader = None
         # Waits in progress, by kind ("read": for a chunk, "space": for cache
         # room), and whether new ones fail at once (the mount is stopping).
         self._waits: dict[trio.CancelScope, str] = {}
         self.aborting = False
-        # Seal holds not yet released, per chunk; and the held chunks the
-        # object store already has, whose cache pins were dropped.
-        self._held: collections.Counter[str] = collections.Counter()
-        self._stored: set[str] = set()
         self.nursery: trio.Nursery | None = None
         # The peer tier, when this node runs one (--peer-listen).
         self.peers = None
 
     def connect_uploader(self, uploader) -> None:
-        """Wire the uploader in: sealed chunks go to it, stalled writers wait on it."""
-        self.wait_for_uploads = uploader.wait_progress
-        self.kick_uploads = uploader.retry_now
-        self.on_sealed = uploader.upload_sealed
-        self.on_released = uploader.forget_early
-        uploader.on_stored = self.mark_stored
-        uploader.still_sealed = self.is_sealed
+        """Sealed chunks go to the uploader, stalled writers wait on it."""
+        self.uploader = uploader
 
     # ---- waits ----------------------------------------------------------------
     @contextlib.contextmanager
@@ -332,46 +320,17 @@ class ChunkSource:
         until the caller passes it to `release` after the metadata commit.
         `upload_now` hands it to the uploader at once (see the module doc)."""
         chunk = await trio.to_thread.run_sync(hash_chunk, data, limiter=self.disk_limiter)
-        self._hold(chunk)
+        self.ledger.hold(chunk)
         try:
-            while chunk in self.deleting:
-                await self.deleting[chunk].wait()
+            await self.ledger.wait_not_deleting(chunk)
             await self._store_with_backpressure(chunk, data)
         except BaseException:
-            self._release(chunk)
+            self.ledger.release(chunk)
             raise
         metrics.CHUNKS_SEALED.inc()
-        if upload_now:
-            self.on_sealed(chunk)
+        if upload_now and self.uploader is not None:
+            self.uploader.upload_sealed(chunk)
         return ChunkRef(chunk, len(data))
-
-    def _hold(self, chunk: str) -> None:
-        self._held[chunk] += 1
-        if chunk not in self._stored:
-            self.cache.pin(chunk)
-
-    def _release(self, chunk: str) -> None:
-        if chunk not in self._stored:
-            self.cache.unpin(chunk)
-        self._held[chunk] -= 1
-        if self._held[chunk] <= 0:
-            del self._held[chunk]
-            self._stored.discard(chunk)
-            self.on_released(chunk)
-
-    def mark_stored(self, chunk: str) -> None:
-        """The object store has this chunk now: a held chunk needs no cache pin."""
-        if chunk in self._held and chunk not in self._stored:
-            self._stored.add(chunk)
-            for _ in range(self._held[chunk]):
-                self.cache.unpin(chunk)
-
-    def is_held(self, chunk: str) -> bool:
-        """Sealed for a commit that has not happened yet, or pinned: not garbage."""
-        return chunk in self._held or self.cache.is_pinned(chunk)
-
-    def is_sealed(self, chunk: str) -> bool:
-        return chunk in self._held
 
     async def _store_with_backpressure(self, chunk: str, data: bytes | bytearray | memoryview) -> None:
         """Put a chunk in the cache. If the cache (its byte limit, or the disk) is
@@ -390,7 +349,7 @@ class ChunkSource:
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
             now = trio.current_time()
-            if self.wait_for_uploads is None or now >= deadline or self.aborting:
+            if self.uploader is None or now >= deadline or self.aborting:
                 log.warning("cache full of chunks not uploaded yet; the write fails with ENOSPC", extra={
                     "chunk": chunk, "waited_seconds": self.space_wait_seconds, "stopping": self.aborting,
                 })
@@ -403,13 +362,13 @@ class ChunkSource:
                 metrics.WRITE_STALLS.inc()
                 log.info("cache full of chunks not yet uploaded; writer waits for uploads", extra={"chunk": chunk})
             if now >= next_kick:  # a store that came back is noticed now, not after the upload backoff
-                self.kick_uploads()
+                self.uploader.retry_now()
                 next_kick = now + STALL_RETRY_KICK_SECONDS
             with self._wait(min(deadline, now + 1.0), "space") as scope:
-                await self.wait_for_uploads()
+                await self.uploader.wait_progress()
             if not scope.cancelled_caught:  # an upload finished: space may be free, the clock restarts
                 deadline = trio.current_time() + self.space_wait_seconds
 
     def release(self, ref: ChunkRef) -> None:
         """Drop the hold `seal` took (after the commit, or when the file is discarded)."""
-        self._release(ref.chunk_id)
+        self.ledger.release(ref.chunk_id)
