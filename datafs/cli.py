@@ -133,8 +133,10 @@ def _serve_metrics(address: str) -> None:
         return
     from prometheus_client import start_http_server
 
+    from . import metrics
+
     host, _, port = address.rpartition(":")
-    start_http_server(int(port), addr=host or "127.0.0.1")
+    start_http_server(int(port), addr=host or "127.0.0.1", registry=metrics.new_registry())
 
 
 def _spawn_daemon(daemon) -> int:

@@ -99,6 +99,7 @@ class Uploader:
         self._marks: list[tuple[str, bytes, trio.Event, list]] = []
         self._mark_wake = trio.Event()
         self._nursery: trio.Nursery | None = None
+        metrics.UPLOADS_PENDING_OLDEST_SECONDS.set_function(self._oldest_pending_seconds)
 
     @property
     def pending_count(self) -> int:
@@ -202,6 +203,17 @@ class Uploader:
         """Return once none of `chunk_ids` is pending (fsync with upload wait)."""
         while chunk_ids & self._queued.keys():
             await self._progress.wait()
+
+    def _oldest_pending_seconds(self) -> float:
+        """For the gauge, read by the metrics server's thread while the event
+        loop may change the queue: a copy that raced a change is taken again."""
+        for _ in range(5):
+            try:
+                oldest = min((since for _, since in list(self._queued.values())), default=None)
+            except RuntimeError:  # the dict changed size during the copy
+                continue
+            return 0.0 if oldest is None else max(0.0, (time.time_ns() - oldest) / 1e9)
+        return 0.0
 
     def snapshot(self, now_ns: int | None = None) -> dict:
         """Numbers for `datafs status`, `datafs sync` and the exit report, all

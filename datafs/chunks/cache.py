@@ -101,6 +101,13 @@ class ChunkCache:
                 self._lru[name] = size
                 self.size_bytes += size
         metrics.CACHE_BYTES.set(self.size_bytes)
+        self._export_gauges()
+
+    def _export_gauges(self) -> None:
+        """Gauges read at scrape time, so pins and puts pay nothing for them."""
+        metrics.CACHE_LIMIT_BYTES.set(self.limit_bytes)
+        metrics.CACHE_CHUNKS.set_function(lambda: len(self._lru))
+        metrics.CACHE_PINNED_BYTES.set_function(lambda: self.pinned()[1])
 
     def sizes(self) -> dict[str, int]:
         with self._lock:

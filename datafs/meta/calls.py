@@ -11,16 +11,22 @@ thread.
 Every threaded call is bounded: the engine enforces its own deadline, and a
 call still stuck past it (a socket that hangs) is abandoned and fails with
 `MetaUnavailable`, EIO at the FUSE boundary; the mount keeps serving.
+
+Each call is timed by operation (`datafs_meta_operation_seconds{op}`, the
+MetaStore method's name: a fixed set), so an operator sees which metadata
+operation is slow, the thread hop and the engine's retries included.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import time
 from typing import Any, Callable, TypeVar
 
 import trio
 
+from .. import metrics
 from ..errors import MetaUnavailable
 
 T = TypeVar("T")
@@ -42,11 +48,22 @@ class MetaCalls:
     async def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """A small call: inline on a local engine, in a thread on a remote one."""
         if not self.remote:
-            return fn(*args, **kwargs)
+            started = time.monotonic()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                metrics.META_OP_SECONDS.labels(_op(fn)).observe(time.monotonic() - started)
         return await self.in_thread(fn, *args, **kwargs)
 
     async def in_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Always in a worker thread (large or disk-bound calls)."""
+        started = time.monotonic()
+        try:
+            return await self._in_thread(fn, *args, **kwargs)
+        finally:
+            metrics.META_OP_SECONDS.labels(_op(fn)).observe(time.monotonic() - started)
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         call = functools.partial(fn, *args, **kwargs)
         if not self.remote:
             return await trio.to_thread.run_sync(call, limiter=self.limiter)
@@ -54,3 +71,8 @@ class MetaCalls:
             return await trio.to_thread.run_sync(call, limiter=self.limiter, **{_ABANDON_KW: True})
         assert scope.cancelled_caught
         raise MetaUnavailable(f"metadata call {getattr(fn, '__name__', fn)} did not return in time")
+
+
+def _op(fn: Callable[..., Any]) -> str:
+    """The operation label: the method's name (MetaStore methods, a fixed set)."""
+    return getattr(fn, "__name__", "other")

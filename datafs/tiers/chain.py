@@ -175,7 +175,11 @@ class ChunkSource:
             data = await trio.to_thread.run_sync(self.cache.read, ref.chunk_id, offset, end - offset, limiter=self.disk_limiter)
         if data is not None:
             metrics.READ_BYTES.labels("cache").inc(len(data))
+            metrics.CACHE_HITS.inc()
+            metrics.CACHE_HIT_BYTES.inc(len(data))
             return data
+        metrics.CACHE_MISSES.inc()
+        metrics.CACHE_MISS_BYTES.inc(end - offset)
         whole, tier = await self._fetch(ref, deadline)
         metrics.READ_BYTES.labels(tier).inc(end - offset)
         return bytes(memoryview(whole)[offset:end])

@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+from .. import metrics
 from ..errors import ChunkMissing, StoreError, UsageError
 from .store import ObjectStore, StoredChunk, is_chunk_id, object_key
 
@@ -41,6 +42,10 @@ class FileStore(ObjectStore):
         return self.root / object_key(chunk_id)
 
     def put_file(self, chunk_id: str, path: Path) -> None:
+        with metrics.store_request("PUT"):
+            self._put_file(chunk_id, path)
+
+    def _put_file(self, chunk_id: str, path: Path) -> None:
         final = self._path(chunk_id)
         if final.exists():
             return
@@ -65,19 +70,22 @@ class FileStore(ObjectStore):
             raise StoreError(f"writing {final}: {exc}", temporary=True) from None
 
     def get(self, chunk_id: str) -> bytes:
-        try:
-            with open(self._path(chunk_id), "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            raise ChunkMissing(chunk_id) from None
-        except OSError as exc:
-            raise StoreError(f"reading chunk {chunk_id}: {exc}", temporary=True) from None
+        with metrics.store_request("GET"):
+            try:
+                with open(self._path(chunk_id), "rb") as f:
+                    return f.read()
+            except FileNotFoundError:
+                raise ChunkMissing(chunk_id) from None
+            except OSError as exc:
+                raise StoreError(f"reading chunk {chunk_id}: {exc}", temporary=True) from None
 
     def exists(self, chunk_id: str) -> bool:
-        return self._path(chunk_id).exists()
+        with metrics.store_request("HEAD"):
+            return self._path(chunk_id).exists()
 
     def delete(self, chunk_id: str) -> None:
-        self._path(chunk_id).unlink(missing_ok=True)
+        with metrics.store_request("DELETE"):
+            self._path(chunk_id).unlink(missing_ok=True)
 
     def list_chunks(self) -> Iterator[StoredChunk]:
         """In id order. The age is the file's ctime, which its hard link (or
@@ -86,7 +94,9 @@ class FileStore(ObjectStore):
         try:
             for first in _subdirs(self.root / "chunks"):
                 for second in _subdirs(first):
-                    for entry in sorted(_scandir(second), key=lambda e: e.name):
+                    with metrics.store_request("LIST"):  # a page: one directory of chunks
+                        entries = sorted(_scandir(second), key=lambda e: e.name)
+                    for entry in entries:
                         if not is_chunk_id(entry.name) or object_key(entry.name) != f"chunks/{first.name}/{second.name}/{entry.name}":
                             continue
                         try:

@@ -19,6 +19,7 @@ Invariants:
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -37,6 +38,7 @@ from botocore.exceptions import (
     SSLError,
 )
 
+from .. import metrics
 from ..errors import ChunkMissing, StoreError, UsageError
 from .store import ObjectStore, StoredChunk, is_chunk_id, object_key
 
@@ -212,58 +214,72 @@ class S3Store(ObjectStore):
         """
         key = self._key(chunk_id)
         try:
-            with open(path, "rb") as body:
-                self._client.put_object(Bucket=self.bucket, Key=key, Body=body)
+            body = open(path, "rb")
         except FileNotFoundError as exc:
             raise StoreError(f"chunk file {path} vanished before upload: {exc}", temporary=False) from None
-        except OSError as exc:
-            raise StoreError(f"reading chunk file {path} for upload: {exc}", temporary=True) from None
-        except (ClientError, BotoCoreError) as exc:
-            raise classify_error(exc, f"PUT {key}") from None
+        with body, metrics.store_request("PUT"):
+            try:
+                self._client.put_object(Bucket=self.bucket, Key=key, Body=body)
+            except OSError as exc:
+                raise StoreError(f"reading chunk file {path} for upload: {exc}", temporary=True) from None
+            except (ClientError, BotoCoreError) as exc:
+                raise classify_error(exc, f"PUT {key}") from None
 
     def get(self, chunk_id: str) -> bytes:
         """The whole object. botocore checks the length it read against
         Content-Length (a short body raises, and is classified temporary);
         the caller verifies the BLAKE3 hash."""
         key = self._key(chunk_id)
-        try:
-            response = self._client.get_object(Bucket=self.bucket, Key=key)
-            body = response["Body"]
+        with metrics.store_request("GET"):
             try:
-                return body.read()
-            finally:
-                body.close()
-        except (ClientError, BotoCoreError) as exc:
-            raise classify_error(exc, f"GET {key}", chunk_id=chunk_id) from None
+                response = self._client.get_object(Bucket=self.bucket, Key=key)
+                body = response["Body"]
+                try:
+                    return body.read()
+                finally:
+                    body.close()
+            except (ClientError, BotoCoreError) as exc:
+                raise classify_error(exc, f"GET {key}", chunk_id=chunk_id) from None
 
     def exists(self, chunk_id: str) -> bool:
         key = self._key(chunk_id)
-        try:
-            self._client.head_object(Bucket=self.bucket, Key=key)
-        except (ClientError, BotoCoreError) as exc:
-            error = classify_error(exc, f"HEAD {key}", chunk_id=chunk_id)
-            if isinstance(error, ChunkMissing):
-                return False
-            raise error from None
+        with metrics.store_request("HEAD"):  # an absent object is an answer, not an error
+            try:
+                self._client.head_object(Bucket=self.bucket, Key=key)
+            except (ClientError, BotoCoreError) as exc:
+                error = classify_error(exc, f"HEAD {key}", chunk_id=chunk_id)
+                if isinstance(error, ChunkMissing):
+                    return False
+                raise error from None
         return True
 
     def delete(self, chunk_id: str) -> None:
         """S3 DELETE succeeds for an absent key, so this is idempotent."""
         key = self._key(chunk_id)
-        try:
-            self._client.delete_object(Bucket=self.bucket, Key=key)
-        except (ClientError, BotoCoreError) as exc:
-            raise classify_error(exc, f"DELETE {key}") from None
+        with metrics.store_request("DELETE"):
+            try:
+                self._client.delete_object(Bucket=self.bucket, Key=key)
+            except (ClientError, BotoCoreError) as exc:
+                raise classify_error(exc, f"DELETE {key}") from None
 
     def list_chunks(self) -> Iterator[StoredChunk]:
         """ListObjectsV2 under PREFIX/chunks/, 1000 keys a page, in key order
         (which is id order: the fan-out directories are the id's first digits)."""
         base = f"{self.prefix}/chunks/" if self.prefix else "chunks/"
-        try:
-            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
-                for obj in page.get("Contents", []):
-                    chunk = obj["Key"].rpartition("/")[2]
-                    if is_chunk_id(chunk) and obj["Key"] == self._key(chunk):
-                        yield StoredChunk(chunk, int(obj["Size"]), obj["LastModified"].timestamp())
-        except (ClientError, BotoCoreError) as exc:
-            raise classify_error(exc, f"LIST {base}") from None
+        pages = iter(self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base))
+        while True:
+            # Each page is one request, timed alone: the caller's work between
+            # pages is not the store's latency.
+            started = time.monotonic()
+            try:
+                page = next(pages, None)
+            except (ClientError, BotoCoreError) as exc:
+                metrics.observe_store_request("LIST", "error", started)
+                raise classify_error(exc, f"LIST {base}") from None
+            if page is None:
+                return  # the paginator knew the last page was the last: no request
+            metrics.observe_store_request("LIST", "ok", started)
+            for obj in page.get("Contents", []):
+                chunk = obj["Key"].rpartition("/")[2]
+                if is_chunk_id(chunk) and obj["Key"] == self._key(chunk):
+                    yield StoredChunk(chunk, int(obj["Size"]), obj["LastModified"].timestamp())
