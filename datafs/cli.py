@@ -489,9 +489,13 @@ def build_parser() -> argparse.ArgumentParser:
     warm.add_argument("--parallel", type=int, default=32, help="concurrent readers (default 32)")
     warm.set_defaults(func=cmd_warmup)
 
+    from .env_cli import add_parser as add_env
     from .fsck_cli import add_parser as add_fsck
+    from .stats_cli import add_parser as add_stats
 
     add_fsck(sub)
+    add_stats(sub)
+    add_env(sub)
 
     try:
         from .inductor_cli import add_parser as add_inductor

@@ -38,7 +38,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import errors, mounts
+from . import errors, metrics, mounts
 from .control import ControlError, ControlServer
 from .chunks.cache import FD_CACHE_SIZE, ChunkCache
 from .chunks.ledger import ChunkLedger
@@ -494,6 +494,7 @@ class Daemon:
             ("POST", "/interrupt"): self._control_interrupt,
             ("POST", "/fsck"): self._control_fsck,
             ("GET", "/fsck"): self._control_fsck_progress,
+            ("GET", "/stats"): self._control_stats,
         }
 
     async def _control_status(self, query: dict, body: dict | None) -> dict:
@@ -535,6 +536,22 @@ class Daemon:
             "peer_members": {str(n): a for n, a in sorted(self.sessions.peers.items())},
             "shares_pending": len(self.ledger.sharing),
             "at_risk_sample": [{"node": n, "chunk": c} for n, c in self.sessions.at_risk[:5]],
+        }
+
+    async def _control_stats(self, query: dict, body: dict | None) -> dict:
+        """`datafs stats`: the daemon's counters since it started (the CLI
+        shows the rates between two answers) and the upload queue now. No
+        metadata call, so it answers at once even when the engine is away."""
+        snapshot = self.uploader.snapshot()
+        return {
+            "time": time.monotonic(),
+            **metrics.snapshot(),
+            "pending_chunks": snapshot["pending_chunks"],
+            "pending_bytes": snapshot["pending_bytes"],
+            "pending_oldest_seconds": snapshot["pending_oldest_seconds"],
+            "failing_chunks": snapshot["failing_chunks"],
+            "cache_bytes": self.cache.size_bytes,
+            "cache_limit_bytes": self.cache.limit_bytes,
         }
 
     async def _control_pending(self, query: dict, body: dict | None) -> dict:
