@@ -1,0 +1,312 @@
+"""What an operator uses to run the fleet, checked against a real mount.
+
+`datafs stats` and its control route count what a copy through the mount
+does; the Grafana dashboard names only series a live daemon exports; the
+deploy manifests (Kubernetes, Prometheus, compose, systemd) parse and carry
+the fields that make a node work; `datafs env` prints lines a shell accepts;
+and two POSIX corners (chown and set-gid, preallocation) behave as the local
+disk does. Loopback ports 18940-18949 belong to this module (metrics).
+"""
+
+from __future__ import annotations
+
+import configparser
+import ctypes
+import json
+import os
+import re
+import stat
+import subprocess
+import threading
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from datafs.control import request
+from datafs.daemon import control_path
+
+from .conftest import REPO, Mount, run_cli
+
+MiB = 1 << 20
+METRICS_PORT = 18941
+DEPLOY = REPO / "deploy"
+
+
+def _stats(m: Mount) -> dict:
+    return request(control_path(m.state_dir), "GET", "/stats")
+
+
+def _read_uncached(path: Path) -> bytes:
+    """Read through FUSE, not the kernel's page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        chunks = []
+        while data := os.read(fd, MiB):
+            chunks.append(data)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+# ---- datafs stats -----------------------------------------------------------------------------
+def test_stats_counts_what_a_copy_does(mount_factory: Callable[..., Mount]):
+    m = mount_factory("stats")
+    data = os.urandom(9 * MiB + 123)
+    before = _stats(m)
+    (m.path / "copy").write_bytes(data)
+    assert _read_uncached(m.path / "copy") == data
+    after = _stats(m)
+
+    assert after["write_bytes"] - before["write_bytes"] == len(data)
+    assert after["fuse_ops"] > before["fuse_ops"]
+    # Just written, so every read was a cache hit.
+    assert after["cache_misses"] == before["cache_misses"]
+    assert after["cache_hit_bytes"] - before["cache_hit_bytes"] >= len(data)
+    assert after["read_bytes"]["cache"] - before["read_bytes"].get("cache", 0) >= len(data)
+    assert after["meta_transactions"] > before["meta_transactions"]
+
+
+def test_stats_once_shows_a_copy_in_progress(mount_factory: Callable[..., Mount]):
+    """The line `datafs stats --once` prints moves while a writer copies."""
+    m = mount_factory("stats-cli")
+    stop = threading.Event()
+    block = os.urandom(MiB)
+
+    def copy() -> None:
+        for _ in range(10_000):  # bounded; ends as soon as the view has been read
+            with open(m.path / "stream", "wb") as f:
+                for _ in range(4):
+                    f.write(block)
+            if stop.is_set():
+                return
+
+    writer = threading.Thread(target=copy)
+    writer.start()
+    try:
+        result = run_cli("stats", str(m.path), "--once", "--interval", "0.5")
+    finally:
+        stop.set()
+        writer.join()
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3, result.stdout  # two header lines, one row
+    assert "read MiB/s" in lines[0] and "hit%" in lines[1]
+    fields = lines[2].split()
+    assert len(fields) == 12, lines[2]
+    ops, write_mib = float(fields[0]), float(fields[4])
+    assert ops > 0 and write_mib > 0, lines[2]
+
+
+def test_stats_on_a_path_that_is_not_mounted_is_one_line(tmp_path: Path):
+    result = run_cli("stats", str(tmp_path), "--once", check=False)
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1 and "not mounted" in result.stderr, result.stderr
+
+
+# ---- metrics and the dashboard ---------------------------------------------------------------
+def _dashboard_series() -> set[str]:
+    dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
+    exprs = []
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("expr", "query", "definition") and isinstance(value, str):
+                    exprs.append(value)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(dashboard)
+    names = set()
+    for expr in exprs:
+        names.update(re.findall(r"\b((?:datafs|process)_[a-z0-9_]+)\b", expr))
+    return names
+
+
+def test_dashboard_uses_only_series_a_live_daemon_exports(mount_factory: Callable[..., Mount]):
+    # A cache smaller than the file: reading it back must fetch evicted chunks
+    # from the store, so the miss and GET series have samples too.
+    m = mount_factory("metrics", ["--cache-size", "12M", "--metrics-address", f"127.0.0.1:{METRICS_PORT}"])
+    data = os.urandom(6 * 4 * MiB)
+    (m.path / "big").write_bytes(data)
+    run_cli("sync", str(m.path))
+    assert _read_uncached(m.path / "big") == data
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
+    declared: set[str] = set()
+    sampled: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        declared.update({family.name, f"{family.name}_total", f"{family.name}_bucket", f"{family.name}_sum", f"{family.name}_count"})
+        for sample in family.samples:
+            sampled[sample.name] = sampled.get(sample.name, 0.0) + sample.value
+
+    wanted = _dashboard_series()
+    assert len(wanted) >= 25, sorted(wanted)
+    assert not wanted - declared, f"the dashboard names series the daemon does not export: {sorted(wanted - declared)}"
+    # What this test did shows in the series an operator looks at first.
+    for name in ("datafs_fuse_ops_total", "datafs_read_bytes_total", "datafs_write_bytes_total", "datafs_upload_bytes_total",
+                 "datafs_cache_hits_total", "datafs_cache_misses_total", "datafs_cache_miss_bytes_total",
+                 "datafs_cache_evictions_total", "datafs_object_store_request_seconds_count",
+                 "datafs_meta_transactions_total", "datafs_meta_operation_seconds_count", "datafs_cache_chunks",
+                 "datafs_cache_limit_bytes"):
+        assert sampled.get(name, 0) > 0, name
+    for method in ("GET", "PUT", "HEAD"):
+        assert f'datafs_object_store_requests_total{{method="{method}",result="ok"}}' in text, method
+    for line in text.splitlines():
+        if line.startswith("datafs_"):
+            assert line.split("{")[0].split(" ")[0] in declared
+    assert "password" not in text.lower() and "secret" not in text.lower()
+
+
+# ---- deploy/ ----------------------------------------------------------------------------------
+def test_kubernetes_daemonset_mounts_for_the_host():
+    documents = [d for d in yaml.safe_load_all((DEPLOY / "kubernetes" / "datafs-daemonset.yaml").read_text()) if d]
+    (ds,) = [d for d in documents if d["kind"] == "DaemonSet"]
+    assert ds["apiVersion"] == "apps/v1"
+    pod = ds["spec"]["template"]["spec"]
+    assert ds["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+    (container,) = pod["containers"]
+    assert container["securityContext"]["privileged"] is True
+    assert container["command"][:3] == ["datafs", "mount", "/data"] and "--foreground" in container["command"]
+
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {v["mountPath"]: v for v in container["volumeMounts"]}
+    assert volumes[mounts["/dev/fuse"]["name"]]["hostPath"]["path"] == "/dev/fuse"
+    assert mounts["/data"]["mountPropagation"] == "Bidirectional"
+    assert volumes[mounts["/data"]["name"]]["hostPath"]["path"] == "/data"
+    env = {e["name"]: e for e in container["env"]}
+    cache = volumes[mounts[env["DATAFS_CACHE_DIR"]["value"]]["name"]]
+    assert "hostPath" in cache
+    assert "hostPath" in volumes[mounts[env["DATAFS_STATE_DIR"]["value"]]["name"]]
+    # Secrets come from a Secret, never from the manifest.
+    for name in ("DATAFS_META_PASSWORD", "AWS_SECRET_ACCESS_KEY"):
+        assert "secretKeyRef" in env[name]["valueFrom"] and "value" not in env[name]
+
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["datafs", "umount", "/data"]
+    probe = " ".join(container["livenessProbe"]["exec"]["command"])
+    assert "datafs status /data" in probe
+    assert pod["terminationGracePeriodSeconds"] > 120  # longer than umount's own wait
+
+    # Prometheus finds it where it serves.
+    port = ds["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"]
+    assert env["DATAFS_METRICS_ADDRESS"]["value"].endswith(f":{port}")
+
+
+def test_prometheus_example_scrapes_datafs():
+    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert all(t.rpartition(":")[2].isdigit() for t in jobs["datafs"]["static_configs"][0]["targets"])
+    kube = jobs["datafs-kubernetes"]
+    assert kube["kubernetes_sd_configs"][0]["role"] == "pod"
+    keep = [r for r in kube["relabel_configs"] if r.get("action") == "keep"]
+    assert any(r["regex"] == "datafs" for r in keep)
+
+
+def test_compose_runs_postgres_minio_and_two_nodes():
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert any("postgres" in s.get("image", "") for s in services.values())
+    assert any("minio" in s.get("image", "") for s in services.values())
+    nodes = {name: s for name, s in services.items() if "datafs mount" in str(s.get("command", ""))}
+    assert len(nodes) >= 2, sorted(services)
+    for name, node in nodes.items():
+        assert "/dev/fuse" in str(node.get("devices", [])), name
+        assert node["environment"]["DATAFS_META"].startswith("postgresql://"), name
+        assert node["environment"]["DATAFS_STORE"].startswith("s3://"), name
+
+
+def test_systemd_unit_mounts_and_unmounts():
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # systemd keys are case-sensitive
+    unit.read_string((DEPLOY / "datafs.service").read_text())
+    service = unit["Service"]
+    assert "datafs mount /data" in service["ExecStart"] and "--foreground" in service["ExecStart"]
+    assert "datafs umount /data" in service["ExecStop"]
+    assert int(service["TimeoutStopSec"]) >= 120
+    assert unit["Install"]["WantedBy"]
+
+
+# ---- datafs env ---------------------------------------------------------------------------------
+def test_env_prints_lines_a_shell_accepts(tmp_path: Path):
+    mountpoint = tmp_path / "my data"
+    out = run_cli("env", str(mountpoint)).stdout
+    shell = subprocess.run(["sh", "-c", f'{out}\necho "$HF_HOME|$HF_HUB_CACHE|$TORCH_HOME"'], capture_output=True, text=True, check=True)
+    assert shell.stdout.strip() == f"{mountpoint}/.cache/huggingface|{mountpoint}/.cache/huggingface/hub|{mountpoint}/.cache/torch"
+    assert run_cli("env").stdout.splitlines()[0] == "export HF_HOME=/data/.cache/huggingface"
+
+
+# ---- POSIX corners against the local disk ------------------------------------------------------
+def _chown_modes(root: Path) -> dict[str, int]:
+    """st_mode after chown, for set-id bits with and without execute."""
+    out = {}
+    cases = {"suid-exec": 0o4755, "sgid-exec": 0o2755, "sgid-noexec": 0o2644, "both-noexec": 0o6644,
+             "both-group-exec": 0o6754, "suid-noexec": 0o4644}
+    for name, mode in cases.items():
+        for change in ("uid", "gid"):
+            path = root / f"{name}-{change}"
+            path.write_bytes(b"x")
+            os.chmod(path, mode)
+            os.chown(path, 1234 if change == "uid" else -1, 5678 if change == "gid" else -1)
+            out[path.name] = os.stat(path).st_mode
+    directory = root / "sgid-dir"
+    directory.mkdir()
+    os.chmod(directory, 0o2775)
+    os.chown(directory, 1234, 5678)
+    out[directory.name] = os.stat(directory).st_mode
+    return out
+
+
+def test_chown_keeps_setgid_without_group_execute_like_local_disk(mount_factory: Callable[..., Mount], tmp_path: Path):
+    m = mount_factory("chown")
+    local = tmp_path / "local"
+    local.mkdir()
+    expected = _chown_modes(local)
+    assert expected["sgid-noexec-uid"] & stat.S_ISGID  # the rule being compared
+    assert {k: oct(v) for k, v in _chown_modes(m.path).items()} == {k: oct(v) for k, v in expected.items()}
+
+
+FALLOC_FL_KEEP_SIZE = 0x01
+
+
+def _preallocate(root: Path) -> dict[str, tuple[int, bytes]]:
+    """posix_fallocate on an empty file, inside existing data, and past the end."""
+    out = {}
+    for name, initial, offset, length in (("empty", b"", 0, 10_000), ("inside", b"a" * 5000, 100, 1000),
+                                          ("past-end", b"b" * 3000, 2 * MiB, 4097)):
+        path = root / name
+        path.write_bytes(initial)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, offset, length)
+        finally:
+            os.close(fd)
+        data = path.read_bytes()
+        out[name] = (len(data), data)
+    return out
+
+
+def test_posix_fallocate_matches_local_disk_and_fallocate_modes_are_refused_cleanly(mount_factory: Callable[..., Mount], tmp_path: Path):
+    m = mount_factory("falloc")
+    local = tmp_path / "local"
+    local.mkdir()
+    assert _preallocate(m.path) == _preallocate(local)
+    assert _read_uncached(m.path / "past-end") == (local / "past-end").read_bytes()
+
+    # fallocate(2) itself (KEEP_SIZE here) is refused with EOPNOTSUPP, which
+    # tools take as "not supported" and fall back: pyfuse3 does not pass
+    # FUSE_FALLOCATE to the filesystem (see the README).
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    fd = os.open(m.path / "inside", os.O_RDWR)
+    try:
+        assert libc.fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, 1 << 20) == -1
+        assert ctypes.get_errno() == 95  # EOPNOTSUPP
+        assert os.fstat(fd).st_size == 5000
+    finally:
+        os.close(fd)
