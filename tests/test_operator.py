@@ -22,11 +22,16 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
+import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from datafs import metrics
+from datafs.chunks import chunk_id
 from datafs.control import request
 from datafs.daemon import control_path
+from datafs.errors import ChunkMissing, StoreError
+from datafs.tiers.file_store import FileStore
 
 from .conftest import REPO, Mount, run_cli
 
@@ -162,6 +167,34 @@ def test_dashboard_uses_only_series_a_live_daemon_exports(mount_factory: Callabl
         if line.startswith("datafs_"):
             assert line.split("{")[0].split(" ")[0] in declared
     assert "password" not in text.lower() and "secret" not in text.lower()
+
+
+def test_object_store_requests_are_counted_by_method_and_result(tmp_path: Path):
+    """On a registry of the test's own: an absent object is `missing` for GET
+    and a plain answer for HEAD; every method is counted once per request."""
+    registry = metrics.new_registry()
+
+    def count(method: str, result: str) -> float:
+        return registry.get_sample_value("datafs_object_store_requests_total", {"method": method, "result": result}) or 0.0
+
+    store = FileStore(tmp_path / "store")
+    store.check()
+    data = os.urandom(1000)
+    chunk = chunk_id(data)
+    (tmp_path / "chunk").write_bytes(data)
+    keys = [("GET", "missing"), ("HEAD", "ok"), ("PUT", "ok"), ("GET", "ok"), ("LIST", "ok"), ("DELETE", "ok"), ("PUT", "error")]
+    before = {key: count(*key) for key in keys}
+    with pytest.raises(ChunkMissing):
+        store.get(chunk)
+    assert store.exists(chunk) is False
+    store.put_file(chunk, tmp_path / "chunk")
+    assert store.get(chunk) == data
+    assert [c.chunk_id for c in store.list_chunks()] == [chunk]
+    store.delete(chunk)
+    with pytest.raises(StoreError):
+        store.put_file(chunk, tmp_path / "vanished")
+    assert {key: count(*key) - before[key] for key in keys} == {key: 1.0 for key in keys}
+    assert registry.get_sample_value("datafs_object_store_request_seconds_count", {"method": "PUT"}) >= 2
 
 
 # ---- deploy/ ----------------------------------------------------------------------------------
