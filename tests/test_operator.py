@@ -246,12 +246,14 @@ def test_compose_runs_postgres_minio_and_two_nodes():
     services = compose["services"]
     assert any("postgres" in s.get("image", "") for s in services.values())
     assert any("minio" in s.get("image", "") for s in services.values())
-    nodes = {name: s for name, s in services.items() if "datafs mount" in str(s.get("command", ""))}
+    nodes = {name: s for name, s in services.items() if "/dev/fuse" in str(s.get("devices", []))}
     assert len(nodes) >= 2, sorted(services)
     for name, node in nodes.items():
-        assert "/dev/fuse" in str(node.get("devices", [])), name
-        assert node["environment"]["DATAFS_META"].startswith("postgresql://"), name
-        assert node["environment"]["DATAFS_STORE"].startswith("s3://"), name
+        environment = node.get("environment", {})
+        if isinstance(environment, list):  # the KEY=value form
+            environment = dict(item.partition("=")[::2] for item in environment)
+        assert environment["DATAFS_META"].startswith("postgresql://"), name
+        assert environment["DATAFS_STORE"].startswith("s3://"), name
 
 
 def test_systemd_unit_mounts_and_unmounts():
