@@ -116,9 +116,15 @@ UPLOADS_FAILING = gauge(
 GC_CHUNKS = counter("datafs_gc_chunks_total", "Unreferenced chunks deleted")
 
 # ---- metadata ----------------------------------------------------------------------------------
-META_TXNS = counter("datafs_meta_transactions_total", "Metadata transactions, by kind (read, write) and result", ("op", "result"))
+META_TXNS = counter(
+    "datafs_meta_transactions_total",
+    "Metadata transactions by kind (read, write) and result: aborted, conflict, unavailable (and ok on PostgreSQL)",
+    ("op", "result"),
+)
 META_TXN_SECONDS = histogram(
-    "datafs_meta_transaction_seconds", "Metadata transaction latency, retries included", ("op",), buckets=_FAST_BUCKETS,
+    "datafs_meta_transaction_seconds",
+    "Latency of committed metadata transactions, retries included (its _count counts them, in every engine)",
+    ("op",), buckets=_FAST_BUCKETS,
 )
 META_TXN_RESTARTS = counter("datafs_meta_transaction_restarts_total", "Metadata transactions run again after a conflict")
 META_OP_SECONDS = histogram(

@@ -158,7 +158,7 @@ def test_dashboard_uses_only_series_a_live_daemon_exports(mount_factory: Callabl
     for name in ("datafs_fuse_ops_total", "datafs_read_bytes_total", "datafs_write_bytes_total", "datafs_upload_bytes_total",
                  "datafs_cache_hits_total", "datafs_cache_misses_total", "datafs_cache_miss_bytes_total",
                  "datafs_cache_evictions_total", "datafs_object_store_request_seconds_count",
-                 "datafs_meta_transactions_total", "datafs_meta_operation_seconds_count", "datafs_cache_chunks",
+                 "datafs_meta_transaction_seconds_count", "datafs_meta_operation_seconds_count", "datafs_cache_chunks",
                  "datafs_cache_limit_bytes"):
         assert sampled.get(name, 0) > 0, name
     for method in ("GET", "PUT", "HEAD"):

@@ -63,6 +63,9 @@ INLINE_READ_MAX_BYTES = 128 << 10
 #: A writer stalled on a full cache asks failing uploads to retry this often,
 #: so a store that came back is noticed before the writer gives up.
 STALL_RETRY_KICK_SECONDS = 5.0
+#: Bound once: cache hits are the hottest read path, and a label lookup costs
+#: as much as the two counters it would save.
+_READ_FROM_CACHE = metrics.READ_BYTES.labels("cache")
 
 
 class _Fetch:
@@ -174,7 +177,7 @@ class ChunkSource:
         if data is None:
             data = await trio.to_thread.run_sync(self.cache.read, ref.chunk_id, offset, end - offset, limiter=self.disk_limiter)
         if data is not None:
-            metrics.READ_BYTES.labels("cache").inc(len(data))
+            _READ_FROM_CACHE.inc(len(data))
             metrics.CACHE_HITS.inc()
             metrics.CACHE_HIT_BYTES.inc(len(data))
             return data
