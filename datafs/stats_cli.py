@@ -59,10 +59,10 @@ def rates(previous: dict, current: dict) -> dict:
     seconds = max(current["time"] - previous["time"], 1e-6)
 
     def per_second(key: str, sub: str | None = None) -> float:
-        now, before = current.get(key, 0), previous.get(key, 0)
-        if sub is not None:
-            now, before = now.get(sub, 0) if isinstance(now, dict) else 0, before.get(sub, 0) if isinstance(before, dict) else 0
-        return max(0.0, now - before) / seconds
+        now, before = current[key], previous[key]
+        if sub is not None:  # a counter by label, e.g. read bytes by tier
+            now, before = now.get(sub, 0), before.get(sub, 0)
+        return max(0.0, now - before) / seconds  # never negative, even across a daemon restart
 
     hits = current["cache_hits"] - previous["cache_hits"]
     misses = current["cache_misses"] - previous["cache_misses"]
