@@ -17,7 +17,9 @@ as nodes of a fleet would. One run measures, in order:
    cold-read a model tree at the same time. Reported: wall time, MiB/s per
    node, and how many GETs the object store served against the tree's chunk
    count (1.0 means each chunk was fetched once for the whole fleet, 3.0 that
-   every node fetched its own);
+   every node fetched its own); then three more fresh nodes, without the peer
+   tier, do the same, for comparison. On one machine every node shares the
+   same cores, so the wall times say less than the GET counts do;
 5. the peak RSS of every daemon (VmHWM).
 
 Ratios are against the ceilings measured in the same run. Progress goes to
@@ -323,9 +325,25 @@ def run(mode: str, base_port: int, work_parent: Path, keep: bool = False) -> tup
                         f"{mib / max(per_node):.0f} MiB/s per node (slowest), {3 * mib / wall:.0f} MiB/s in all"))
         rows.append(Row("fleet warmup: object-store GETs per chunk of the tree", gets / chunks, "x",
                         f"{gets:.0f} GETs for {chunks} chunks read by 3 nodes (3.0 = no sharing)"))
+        for n in readers:
+            rss[n.name] = n.peak_rss_bytes()
+            n.umount()
+        _progress("the same warmup by three fresh nodes without the peer tier")
+        alone = [node(name, peer=False) for name in ("e", "f", "g")]
+        system.drop_page_cache()
+        before_all = {n.name: n.fetches() for n in alone}
+        started = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(len(alone)) as pool:
+            list(pool.map(warm, alone))
+        alone_wall = time.perf_counter() - started
+        alone_gets = sum(n.fetches().get("store", 0) - before_all[n.name].get("store", 0) for n in alone)
+        rows.append(Row("fleet warmup without the peer tier, wall time", alone_wall, "s",
+                        f"{3 * mib / alone_wall:.0f} MiB/s in all, {alone_gets / chunks:.2f} GETs per chunk; "
+                        f"the warmup with peers took {wall / alone_wall:.2f}x this time"))
         for n in nodes:
             if n.mounted:
                 rss[n.name] = max(rss.get(n.name) or 0, n.peak_rss_bytes() or 0)
+        rss = {name: peak for name, peak in rss.items() if name not in ("e", "f", "g")}
         for name, peak in sorted(rss.items()):
             if peak:
                 rows.append(Row(f"daemon peak RSS, node {name}", peak / MiB, "MiB"))
