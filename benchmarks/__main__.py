@@ -58,10 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "fleet":
-        from . import fleet
+    try:
+        if args.command == "fleet":
+            from . import fleet
 
-        return fleet.main(args)
+            return fleet.main(args)
+        return _run(args)
+    except BenchError as exc:
+        print(f"benchmarks: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        print("benchmarks: interrupted; everything was stopped and removed", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     from . import harness, report
     from .results import fill_ratios
 
@@ -75,14 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"benchmarks: cannot create {options.out_dir}: {exc.strerror}", file=sys.stderr)
         return 2
-    try:
-        rows, meta = harness.run(options)
-    except BenchError as exc:
-        print(f"benchmarks: {exc}", file=sys.stderr)
-        return exc.exit_status
-    except KeyboardInterrupt:
-        print("benchmarks: interrupted; everything was stopped and removed", file=sys.stderr)
-        return 130
+    rows, meta = harness.run(options)
     fill_ratios(rows)
     written = report.write_report(options.out_dir, rows, meta)
     print(f"wrote {', '.join(str(p) for p in written.values())}", file=sys.stderr)

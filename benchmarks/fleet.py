@@ -36,7 +36,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -163,23 +162,12 @@ class Node:
 
     def stop(self) -> None:
         """Unmount; if that fails, kill the daemon by its PID and detach the mount."""
-        from datafs.daemon import daemon_running, read_daemon_pid
-        from datafs.mounts import pid_alive
-
         if system.mount_fstype(self.mountpoint):
             try:
                 self._cli("umount", str(self.mountpoint), timeout_seconds=120)
             except BenchError:
                 pass
-        pid = read_daemon_pid(self.state_dir)
-        if pid and daemon_running(self.state_dir) and pid_alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            system.wait_gone(pid, 30)
-        if system.mount_fstype(self.mountpoint):
-            system.lazy_unmount(self.mountpoint)
+        system.end_daemon(self.state_dir, self.mountpoint)
         self.mounted = False
 
 
@@ -378,14 +366,8 @@ def markdown(rows: list[Row], meta: dict) -> str:
 
 
 def main(args) -> int:
-    try:
-        rows, meta = run(args.mode, args.base_port, args.work_dir.resolve(), args.keep)
-    except BenchError as exc:
-        print(f"benchmarks: {exc}", file=sys.stderr)
-        return exc.exit_status
-    except KeyboardInterrupt:
-        print("benchmarks: interrupted; everything was stopped and removed", file=sys.stderr)
-        return 130
+    """Run and report; errors are the caller's (`__main__`) to print."""
+    rows, meta = run(args.mode, args.base_port, args.work_dir.resolve(), args.keep)
     text = markdown(rows, meta)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fleet.md").write_text(text)

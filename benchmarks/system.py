@@ -72,6 +72,24 @@ def wait_gone(pid: int, timeout_seconds: float) -> bool:
     return True
 
 
+def end_daemon(state_dir: Path, mountpoint: Path) -> None:
+    """After an unmount that failed or never ran: kill a datafs daemon still
+    holding `state_dir` (SIGKILL, by its PID) and detach its mount."""
+    from datafs.daemon import daemon_running, read_daemon_pid
+
+    # The pid in the lock file is the daemon's only while the lock is held: a
+    # stale pid may belong to anyone by now.
+    pid = read_daemon_pid(state_dir)
+    if pid and daemon_running(state_dir) and pid_alive(pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        wait_gone(pid, 30)
+    if mount_fstype(mountpoint):
+        lazy_unmount(mountpoint)
+
+
 def session_members(session_id: int) -> list[int]:
     """PIDs in the session `session_id`: a process the harness started with
     `start_new_session=True`, and every child it forked (JuiceFS forks its

@@ -32,7 +32,6 @@ from __future__ import annotations
 import abc
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -41,7 +40,6 @@ from pathlib import Path
 from botocore.exceptions import ClientError
 
 from datafs.daemon import read_daemon_pid
-from datafs.mounts import pid_alive
 
 from . import system
 from .errors import BenchError
@@ -254,24 +252,12 @@ class DatafsTarget(Target):
         return KeysProbe(self.client, self.bucket, {object_key(c, self.prefix) for c in chunk_ids})
 
     def stop(self) -> None:
-        from datafs.daemon import daemon_running
-
         if system.mount_fstype(self.mountpoint):
             try:
                 self._umount()
             except BenchError:
                 pass
-        # The pid in the lock file is ours only while the lock is held: a
-        # stale pid may belong to anyone by now.
-        pid = self.daemon_pid
-        if pid and daemon_running(self.state_dir) and pid_alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            system.wait_gone(pid, 30)
-        if system.mount_fstype(self.mountpoint):
-            system.lazy_unmount(self.mountpoint)
+        system.end_daemon(self.state_dir, self.mountpoint)
         self._mounted = False
 
 

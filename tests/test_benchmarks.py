@@ -302,3 +302,35 @@ def test_tiny_run_with_postgres_metadata(tmp_path):
     table = (out / "results.md").read_text()
     assert table.startswith("# datafs benchmarks: tiny mode, PostgreSQL metadata")
     assert "Metadata engine: **PostgreSQL**" in table
+
+
+FLEET_BASE_PORT = 18760  # SeaweedFS 18760-18767, PostgreSQL 18769, peers 18770-18776, metrics 18780-18786
+
+
+def test_tiny_fleet_run_reports_every_row_and_cleans_up(tmp_path):
+    out = tmp_path / "out"
+    # PostgreSQL runs as its own account: the work dir must be one it can enter.
+    work = Path(tempfile.mkdtemp(prefix="datafs-fleet-test-", dir="/var/tmp"))
+    work.chmod(0o711)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "benchmarks", "fleet", "--tiny", "--out", str(out),
+             "--base-port", str(FLEET_BASE_PORT), "--work-dir", str(work)],
+            capture_output=True, text=True, cwd=REPO, timeout=RUN_TIMEOUT_SECONDS)
+        _assert_nothing_left(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["name"]: r for r in json.loads((out / "fleet.json").read_text())["rows"]}
+    for name in ("loopback ceiling (sendfile -> recv_into)", "cold read from the object store",
+                 "cold read from a peer", "read from the local cache (page cache dropped)",
+                 "fleet warmup: 3 nodes cold-read the tree, wall time",
+                 "fleet warmup without the peer tier, wall time"):
+        assert rows[name]["value"] > 0, name
+    # The peer read really came from the peer, and the fleet warmup asked the
+    # store about once per chunk (without the peer tier: three times).
+    assert "0 from the store" in rows["cold read from a peer"]["note"]
+    assert 1.0 <= rows["fleet warmup: object-store GETs per chunk of the tree"]["value"] <= 1.5
+    assert "3.00 GETs per chunk" in rows["fleet warmup without the peer tier, wall time"]["note"]
+    assert any(name.startswith("daemon peak RSS") for name in rows)
+    assert (out / "fleet.md").read_text() in result.stdout
