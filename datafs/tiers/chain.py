@@ -1,8 +1,9 @@
 """The read-through chain and the sealing of new chunks.
 
-A chunk is looked for in the local cache, then asked of the peer tier (its
-owner, or the nodes holding it before it is uploaded; `peers/tier.py`), then
-fetched from the object store. A fetch is single-flight: concurrent readers
+A chunk is looked for in the local cache, then asked of each tier below it in
+turn (`_tiers`: the peer tier, that is its owner, the runner-up's cache, or
+the nodes holding it before it is uploaded, `peers/tier.py`; then the object
+store), with one retry loop over them (`_fetch_verified`). A fetch is single-flight: concurrent readers
 of one chunk share one request and its outcome. Every fetched chunk is
 verified against its BLAKE3 id before it is cached or returned; a mismatch is
 logged loudly and fetched again. A chunk that metadata references but the
@@ -42,7 +43,7 @@ import errno
 import logging
 import random
 import time
-from typing import Iterator
+from typing import Awaitable, Callable, Iterator
 
 import trio
 
@@ -270,56 +271,68 @@ class ChunkSource:
         finally:
             self.prefetch_slots += 1
 
+    def _tiers(self) -> list[tuple[str, Callable[[ChunkRef, float], Awaitable[bytes | bytearray | None]]]]:
+        """The tiers below the cache, in the order a chunk is asked of them."""
+        tiers = [] if self.peers is None else [(self.peers.tier, self._from_peers)]
+        return tiers + [(self.store.tier, self._from_store)]
+
     async def _fetch_verified(self, ref: ChunkRef, deadline: float) -> tuple[bytes | bytearray, str]:
-        peers = self.peers
-        if peers is not None:
-            # The owner (or, on the owner itself, the runner-up's cache); then,
-            # if the chunk is not uploaded yet, the nodes holding it (one
-            # metadata read), before the store.
-            with self._wait(deadline):
-                data = await peers.fetch(ref.chunk_id, ref.length, pending=True)
-                if data is not None:
-                    return data, peers.tier
+        """The chunk from the first tier that has it, verified, and that tier.
+        When none has it for now (not uploaded yet, a store failing for a
+        while), back off and go round again, until the reader's deadline; a
+        permanent failure ends it at once. This is the chain's one retry loop."""
         delay = 0.05
         while True:
-            started = time.monotonic()
-            try:
-                with self._wait(deadline) as scope:
-                    # Abandoned at the deadline: a store that hangs must not
-                    # hold the reader (the thread ends with boto's own timeout).
-                    data = await trio.to_thread.run_sync(
-                        self.store.get, ref.chunk_id, limiter=self.store_limiter, **{_ABANDON_KW: True},
-                    )
-                if scope.cancelled_caught:
-                    raise self._gave_up(ref, f"the object store did not answer within {self.wait_timeout_seconds:g} s")
-                actual = await trio.to_thread.run_sync(hash_chunk, data, limiter=self.disk_limiter)
-                if actual != ref.chunk_id:
-                    metrics.CHUNK_FETCHES.labels(self.store.tier, "corrupt").inc()
-                    log.error(
-                        "chunk failed verification, fetching again",
-                        extra={"chunk": ref.chunk_id, "actual": actual, "tier": self.store.tier, "size_bytes": len(data)},
-                    )
-                    raise errors.ChunkCorrupt(ref.chunk_id, self.store.describe())
-                metrics.CHUNK_FETCHES.labels(self.store.tier, "ok").inc()
-                metrics.CHUNK_FETCH_SECONDS.labels(self.store.tier).observe(time.monotonic() - started)
-                return data, self.store.tier
-            except errors.StoreError as exc:
-                if not exc.temporary:
-                    raise self._gave_up(ref, str(exc)) from exc
-                if peers is not None:
-                    # Not uploaded yet, or the store is failing: the nodes
-                    # holding it (the one that wrote it) may have it.
-                    with self._wait(deadline):
-                        data = await peers.fetch(ref.chunk_id, ref.length, pending=True)
-                        if data is not None:
-                            return data, peers.tier
-                if isinstance(exc, errors.ChunkMissing):
-                    log.info("waiting for chunk to appear in the object store", extra={"chunk": ref.chunk_id})
-                with self._wait(deadline) as scope:
-                    await trio.sleep(delay * random.uniform(0.5, 1.0))
-                if scope.cancelled_caught:
-                    raise self._gave_up(ref, f"{exc} (gave up after {self.wait_timeout_seconds:g} s)") from exc
-                delay = min(delay * 2, 5.0)
+            failure: errors.StoreError | None = None
+            for tier, fetch in self._tiers():
+                try:
+                    data = await fetch(ref, deadline)
+                except errors.StoreError as exc:
+                    if not exc.temporary:
+                        raise self._gave_up(ref, str(exc)) from exc
+                    if isinstance(exc, errors.ChunkMissing):
+                        log.info("waiting for chunk to appear in the object store", extra={"chunk": ref.chunk_id})
+                    failure = exc
+                    continue
+                if data is not None:
+                    return data, tier
+            with self._wait(deadline) as scope:
+                await trio.sleep(delay * random.uniform(0.5, 1.0))
+            if scope.cancelled_caught:
+                raise self._gave_up(ref, f"{failure or 'no tier has it'} (gave up after {self.wait_timeout_seconds:g} s)")
+            delay = min(delay * 2, 5.0)
+
+    async def _from_peers(self, ref: ChunkRef, deadline: float) -> bytes | bytearray | None:
+        """The owner (or, on the owner itself, the runner-up's cache); then, if
+        the chunk is not uploaded yet, the nodes holding it (one metadata read).
+        None when no peer could give it by `deadline`."""
+        with self._wait(deadline):
+            return await self.peers.fetch(ref.chunk_id, ref.length, pending=True)
+        return None
+
+    async def _from_store(self, ref: ChunkRef, deadline: float) -> bytes:
+        """One GET, verified; a StoreError says whether trying again may help
+        (wrong bytes are ChunkCorrupt: temporary, fetched again)."""
+        started = time.monotonic()
+        with self._wait(deadline) as scope:
+            # Abandoned at the deadline: a store that hangs must not hold the
+            # reader (the thread ends with boto's own timeout).
+            data = await trio.to_thread.run_sync(
+                self.store.get, ref.chunk_id, limiter=self.store_limiter, **{_ABANDON_KW: True},
+            )
+        if scope.cancelled_caught:
+            raise self._gave_up(ref, f"the object store did not answer within {self.wait_timeout_seconds:g} s")
+        actual = await trio.to_thread.run_sync(hash_chunk, data, limiter=self.disk_limiter)
+        if actual != ref.chunk_id:
+            metrics.CHUNK_FETCHES.labels(self.store.tier, "corrupt").inc()
+            log.error(
+                "chunk failed verification, fetching again",
+                extra={"chunk": ref.chunk_id, "actual": actual, "tier": self.store.tier, "size_bytes": len(data)},
+            )
+            raise errors.ChunkCorrupt(ref.chunk_id, self.store.describe())
+        metrics.CHUNK_FETCHES.labels(self.store.tier, "ok").inc()
+        metrics.CHUNK_FETCH_SECONDS.labels(self.store.tier).observe(time.monotonic() - started)
+        return data
 
     # ---- writes ------------------------------------------------------------------
     async def seal(self, data: bytes | bytearray | memoryview, upload_now: bool = False) -> ChunkRef:
