@@ -1,6 +1,6 @@
 """The Inductor compile-cache API on a real datafs mount, with real torch.
 
-Worker processes (tests/inductor_worker.py) play the app: each is a fresh
+Worker processes (datafs/devtools/inductor_worker.py) play the app: each is a fresh
 process with its own empty local working cache, as a new GPU worker would be.
 Worker A's compile is the expensive part (~20 s on 2 cores), so it runs once
 per module on a module-scoped mount and the tests that need its archive share
@@ -43,7 +43,7 @@ from datafs.inductor import (
 
 from .conftest import REPO, Mount, run_cli
 
-WORKER = Path(__file__).with_name("inductor_worker.py")
+WORKER = REPO / "datafs" / "devtools" / "inductor_worker.py"
 WORKER_TIMEOUT_SECONDS = 300
 
 
@@ -115,6 +115,7 @@ def api_env(monkeypatch: pytest.MonkeyPatch, datafs_mount: Mount, tmp_path: Path
     monkeypatch.setenv("DATAFS_INDUCTOR_LOCAL_DIR", str(tmp_path / "local-1"))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unset-by-test")  # restored after the test
     monkeypatch.delenv("DATAFS_INDUCTOR_FORMAT", raising=False)
+    monkeypatch.setenv("DATAFS_INDUCTOR_WAIT_SECONDS", "0")  # one process plays every worker: no one to wait for
     return {"data": datafs_mount.path, "local": tmp_path / "local-1", "tmp": tmp_path}
 
 
@@ -262,7 +263,9 @@ def test_concurrent_syncs_merge_into_one_valid_archive(datafs_mount: Mount, tmp_
     start_at = time.time() + 4.0  # all four publish at the same moment
     procs = []
     for n in range(4):
-        env = _worker_env(datafs_mount.path, tmp_path / f"local-{n}", tmp_path, {"DATAFS_GPU_TYPE": "CPU"})
+        # No lease: this is about publishers racing, not about waiting for one another.
+        env = _worker_env(datafs_mount.path, tmp_path / f"local-{n}", tmp_path,
+                          {"DATAFS_GPU_TYPE": "CPU", "DATAFS_INDUCTOR_WAIT_SECONDS": "0"})
         procs.append(subprocess.Popen(
             _worker_args("synthetic", key, "--tag", f"w{n}", "--files", "25", "--start-at", str(start_at)),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO))

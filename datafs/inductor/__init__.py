@@ -53,6 +53,9 @@ from typing import Any, Callable
 
 import blake3
 
+from . import lease
+from .torch_settings import CompileSettings
+
 log = logging.getLogger(__name__)
 
 DEFAULT_DATA_DIR = Path("/data")
@@ -437,6 +440,8 @@ class _Loaded:
 
 
 _loaded: dict[str, _Loaded] = {}
+_leases: dict[str, lease.Lease] = {}  # archive path -> the compile lease this process holds
+_settings = CompileSettings()
 
 
 def load_inductor_cache(cache_key: str, *, format: str | None = None) -> str:
@@ -445,18 +450,23 @@ def load_inductor_cache(cache_key: str, *, format: str | None = None) -> str:
 
     A missing, corrupt or incompatible archive is logged and skipped: torch then
     compiles as if there were no cache, and `sync_inductor_cache` publishes a good one.
+    If another worker is compiling the same key right now (it holds the key's
+    lease), this one waits for its archive first, at most
+    DATAFS_INDUCTOR_WAIT_SECONDS (see `lease.py`).
     """
     key = validate_cache_key(cache_key)
     _resolve_format(format)  # a bad format is a mistake to report now, not at sync
+    wait_seconds = lease.wait_budget_seconds()  # likewise a bad wait budget
     local = local_cache_dir()
     local.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(local)
     _warn_if_caches_disabled()
+    _settings.apply()
     usable = False
     path: Path | None = None
     try:
         path = archive_path(key)
-        usable = _load_shared(path, local)
+        usable = _load_shared(path, local, wait_seconds)
     except Exception:
         log.warning("could not load the shared inductor cache %s; compiling without it", path or key, exc_info=True)
     if path is not None:
@@ -464,19 +474,42 @@ def load_inductor_cache(cache_key: str, *, format: str | None = None) -> str:
     return state_hash(scan_local(local))
 
 
-def _load_shared(path: Path, local: Path) -> bool:
+def _load_shared(path: Path, local: Path, wait_seconds: float) -> bool:
+    """Load the archive; if there is no usable one, take the key's lease and
+    compile, or wait for the worker that holds it."""
     root = data_dir()
     if not root.is_dir():
         log.warning("data dir %s does not exist: the inductor cache is not shared (set DATAFS_DATA_DIR)", root)
         return False
+    loaded, seen = _load_archive(path, local)
+    if loaded or wait_seconds <= 0 or str(path) in _leases:
+        return loaded
+    path.parent.mkdir(parents=True, exist_ok=True)
+    held = lease.try_acquire(path)
+    if held is None:
+        outcome = lease.wait_for_holder(path, lambda: _current_stamp(path) != seen, wait_seconds)
+        if outcome == "published":
+            loaded, seen = _load_archive(path, local)
+            if loaded:
+                return True
+        else:
+            log.info("going on without the other worker's archive of %s: %s", path.name, outcome)
+        held = lease.try_acquire(path)  # its holder is gone: the others may now wait for this one
+    if held is not None:
+        _leases[str(path)] = held
+    return False
+
+
+def _load_archive(path: Path, local: Path) -> tuple[bool, Stamp | None]:
+    """Whether the archive was loaded, and which version of it was looked at."""
     started = time.monotonic()
     with open_archive(path) as archive:
         if not archive.exists:
             log.info("no shared inductor cache at %s", path)
-            return False
+            return False, None
         if archive.problem:
             log.warning("ignoring the shared inductor cache %s: %s", path, archive.problem)
-            return False
+            return False, archive.stamp
         try:
             if archive.format == "mega":
                 count = _load_mega(archive)
@@ -484,16 +517,16 @@ def _load_shared(path: Path, local: Path) -> bool:
                 count = _extract(archive, local)
         except _Unusable as exc:
             log.warning("ignoring the shared inductor cache %s: %s", path, exc)
-            return False
+            return False, archive.stamp
         except _CORRUPTION_ERRORS as exc:
             log.warning("ignoring the shared inductor cache %s: corrupt archive (%s: %s)", path, exc.__class__.__name__, exc)
-            return False
+            return False, archive.stamp
         except OSError as exc:
             log.warning("ignoring the shared inductor cache %s: could not unpack it (%s)", path, exc)
-            return False
+            return False, archive.stamp
     log.info("loaded the shared inductor cache %s", path,
              extra={"files": count, "seconds": round(time.monotonic() - started, 3)})
-    return True
+    return True, archive.stamp
 
 
 def _extract(archive: Archive, local: Path) -> int:
@@ -560,45 +593,56 @@ def _warn_if_caches_disabled() -> None:
 # ---- publishing -----------------------------------------------------------------------------
 def sync_inductor_cache(cache_key: str, dir_hash: str, *, format: str | None = None) -> None:
     """Publish the local cache if it changed since `dir_hash` (merged with
-    whatever other workers published meanwhile); do nothing otherwise.
+    whatever other workers published meanwhile); do nothing otherwise. Then
+    release the key's compile lease if this worker held it.
 
     Failures are logged, not raised: a worker that cannot publish still serves.
     """
     key = validate_cache_key(cache_key)
     fmt = _resolve_format(format)
+    _settings.save_entries()
+    _settings.restore()
+    path: Path | None = None
+    try:
+        path = archive_path(key)
+        _sync(path, fmt, dir_hash)
+    except Exception:
+        log.warning("could not publish the inductor cache %s", path or key, exc_info=True)
+    finally:
+        held = _leases.pop(str(path), None) if path is not None else None
+        if held is not None:
+            held.release()
+
+
+def _sync(path: Path, fmt: str, dir_hash: str) -> None:
     local = local_cache_dir()
     if not local.is_dir():
         log.info("no local inductor cache at %s: nothing to publish", local)
         return
-    path: Path | None = None
-    try:
-        path = archive_path(key)
-        if not data_dir().is_dir():
-            log.warning("data dir %s does not exist: the inductor cache is not shared (set DATAFS_DATA_DIR)", data_dir())
+    if not data_dir().is_dir():
+        log.warning("data dir %s does not exist: the inductor cache is not shared (set DATAFS_DATA_DIR)", data_dir())
+        return
+    loaded = _loaded.get(str(path))
+    entries = scan_local(local)
+    unchanged = bool(dir_hash) and state_hash(entries) == dir_hash
+    # A shared archive that was missing or unusable at load is replaced even
+    # if this worker compiled nothing new (its local cache may be warm).
+    if unchanged and (loaded is None or loaded.usable):
+        log.debug("inductor cache unchanged: nothing to publish", extra={"archive": str(path)})
+        return
+    if fmt == "mega":
+        compiler = _torch_compiler_with_mega_cache()
+        if compiler is None:
+            log.warning("this torch has no mega-cache (torch.compiler.save_cache_artifacts); publishing the directory form")
+            fmt = "dir"
+    if fmt == "mega":
+        published = _publish(path, _MegaPlan(compiler))
+    else:
+        if not entries:
             return
-        loaded = _loaded.get(str(path))
-        entries = scan_local(local)
-        unchanged = bool(dir_hash) and state_hash(entries) == dir_hash
-        # A shared archive that was missing or unusable at load is replaced even
-        # if this worker compiled nothing new (its local cache may be warm).
-        if unchanged and (loaded is None or loaded.usable):
-            log.debug("inductor cache unchanged: nothing to publish", extra={"key": key})
-            return
-        if fmt == "mega":
-            compiler = _torch_compiler_with_mega_cache()
-            if compiler is None:
-                log.warning("this torch has no mega-cache (torch.compiler.save_cache_artifacts); publishing the directory form")
-                fmt = "dir"
-        if fmt == "mega":
-            published = _publish(path, _MegaPlan(compiler))
-        else:
-            if not entries:
-                return
-            published = _publish(path, _DirPlan(local, entries))
-        if published:
-            _loaded[str(path)] = _Loaded(True)
-    except Exception:
-        log.warning("could not publish the inductor cache %s", path or key, exc_info=True)
+        published = _publish(path, _DirPlan(local, entries))
+    if published:
+        _loaded[str(path)] = _Loaded(True)
 
 
 @contextlib.contextmanager
@@ -906,14 +950,14 @@ def find_caches(cache_key: str, gpu_type: str | None = None) -> list[CacheListin
 
 def remove_cache(cache_key: str, gpu_type: str | None = None) -> list[Path]:
     """Remove a key's archives (every GPU type unless one is given), with their
-    lock and temporary files and the directories that become empty."""
+    lock, lease and temporary files and the directories that become empty."""
     removed = []
     for cache in find_caches(cache_key, gpu_type):
         _unlink(cache.path)
         removed.append(cache.path)
         prefix = f".{cache.path.name}."
         for name in os.listdir(cache.path.parent):
-            if name.startswith(prefix) and (name.endswith(".lock") or ".tmp-" in name):
+            if name.startswith(prefix) and (name.endswith((".lock", ".lease")) or ".tmp-" in name):
                 _unlink(cache.path.parent / name)
         parent = cache.path.parent
         gpu_dir = caches_root() / cache.gpu_type
