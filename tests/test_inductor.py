@@ -155,28 +155,92 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 @pytest.mark.mount
 def test_second_worker_loads_what_the_first_compiled(shared: Any) -> None:
+    """B neither compiles nor traces: Dynamo installs A's precompiled entry, so
+    no FX graph is looked up, let alone missed, and the outputs are A's."""
     a = shared.a
     assert a["gpu_type"] == "CPU"
     assert shared.archive == shared.mount.path / "inductor-caches" / "CPU" / "tiny" / "v1.zip"
     assert a["fxgraph_cache_miss"] == 2 and a["fxgraph_cache_hit"] == 0, a  # one graph per input shape
+    assert a["graphs_traced"] == 2 and a["dynamo_cache_miss"] == 1, a
     assert a["cpp_kernels_compiled"] > 0
     manifest = _assert_valid_archive(shared.archive)
     assert manifest["format"] == "dir" and manifest["gpu_type"] == "CPU" and manifest["torch"] == a["torch"]
+    assert any(name.startswith("dynamo/") for name in manifest["files"]), "no precompiled Dynamo entry was published"
     stamp_after_a = _stamp(shared.archive)
 
     b = run_worker("compile", "tiny/v1", data_dir=shared.mount.path, local_dir=shared.base / "local-b", tmpdir=shared.tmpdir)
-    print(f"\nworker A: compile+warmup {a['compile_warmup_seconds']:.2f} s (load {a['load_seconds']:.2f} s, sync {a['sync_seconds']:.2f} s)"
-          f"\nworker B: compile+warmup {b['compile_warmup_seconds']:.2f} s (load {b['load_seconds']:.2f} s, sync {b['sync_seconds']:.2f} s)"
-          f"\nworker B: fxgraph hit {b['fxgraph_cache_hit']} miss {b['fxgraph_cache_miss']}, "
-          f"aotautograd hit {b['autograd_cache_hit']} miss {b['autograd_cache_miss']}")
+    print(f"\nworker A: ready in {a['ready_seconds']:.2f} s {a['breakdown']}"
+          f"\nworker B: ready in {b['ready_seconds']:.2f} s {b['breakdown']}")
     assert b["files_loaded"] > 0
-    assert b["fxgraph_cache_hit"] == 2 and b["fxgraph_cache_miss"] == 0, b
-    assert b["autograd_cache_hit"] == 2 and b["autograd_cache_miss"] == 0, b
+    assert b["dynamo_cache_hit"] == 1 and b["graphs_traced"] == 0, b  # no retrace
+    assert b["fxgraph_cache_miss"] == 0 and b["autograd_cache_miss"] == 0, b
+    assert b["breakdown"]["dynamo_tracing"] == 0 and b["breakdown"]["inductor_compile"] == 0, b
     assert b["files_compiled"] == 0 and b["cpp_kernels_compiled"] == 0, "B compiled kernels although the cache had them"
     assert b["outputs"] == a["outputs"]
-    assert b["compile_warmup_seconds"] < a["compile_warmup_seconds"] / 2, (a, b)
     # B compiled nothing new, so its sync wrote nothing: same file, same mtime.
     assert _stamp(shared.archive) == stamp_after_a
+
+
+@pytest.mark.mount
+def test_without_precompile_the_graphs_still_load(shared: Any) -> None:
+    """DATAFS_INDUCTOR_PRECOMPILE=0: B traces again and redoes AOTAutograd (whose
+    key includes Dynamo's settings), but every FX graph is a hit and no kernel is
+    built (the header setting datafs changes is the same for every worker, so
+    the FX keys match)."""
+    b = run_worker("compile", "tiny/v1", data_dir=shared.mount.path, local_dir=shared.base / "local-noprec",
+                   tmpdir=shared.tmpdir, env={"DATAFS_INDUCTOR_PRECOMPILE": "0"})
+    assert b["dynamo_cache_hit"] == 0 and b["graphs_traced"] == 2, b
+    assert b["fxgraph_cache_hit"] == 2 and b["fxgraph_cache_miss"] == 0, b
+    assert b["cpp_kernels_compiled"] == 0 and b["outputs"] == shared.a["outputs"]
+
+
+@pytest.mark.mount
+def test_failed_guards_and_a_bad_precompiled_entry_fall_back_to_compiling(shared: Any) -> None:
+    """Artifacts that do not apply never break a worker: a batch size A never
+    saw fails the precompiled entry's guards and is traced and compiled (the
+    others still come from A's entry), and is published for the next worker; a
+    precompiled entry torch cannot read is traced again, served by the FX cache."""
+    key = "tiny-guards/v1"
+    archive = shared.mount.path / "inductor-caches" / "CPU" / "tiny-guards" / "v1.zip"
+    archive.parent.mkdir(parents=True)
+    shutil.copyfile(shared.archive, archive)
+    c = run_worker("compile", key, "--batches", "4,8,16", data_dir=shared.mount.path, local_dir=shared.base / "local-guards-c",
+                   tmpdir=shared.tmpdir)
+    assert c["dynamo_cache_hit"] == 1 and c["graphs_traced"] == 1, c  # only batch 16 traced
+    assert c["fxgraph_cache_miss"] == 1 and c["cpp_kernels_compiled"] > 0, c
+    assert c["outputs"][:2] == shared.a["outputs"] and "Traceback" not in c["stderr"]
+    d = run_worker("compile", key, "--batches", "16,4", data_dir=shared.mount.path, local_dir=shared.base / "local-guards-d",
+                   tmpdir=shared.tmpdir)
+    assert d["dynamo_cache_hit"] == 1 and d["graphs_traced"] == 0 and d["fxgraph_cache_miss"] == 0, d
+    assert d["outputs"] == [c["outputs"][2], c["outputs"][0]]
+
+    # A precompiled entry that does not unpickle: the worker traces and loads the FX graphs.
+    bad_key = "tiny-badentry/v1"
+    bad = shared.mount.path / "inductor-caches" / "CPU" / "tiny-badentry" / "v1.zip"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(_rewrite_member(shared.archive.read_bytes(), "dynamo/", b"not a pickle"))
+    e = run_worker("compile", bad_key, data_dir=shared.mount.path, local_dir=shared.base / "local-badentry", tmpdir=shared.tmpdir)
+    assert e["dynamo_cache_error"] == 1 and e["graphs_traced"] == 2, e
+    assert e["fxgraph_cache_hit"] == 2 and e["fxgraph_cache_miss"] == 0 and e["outputs"] == shared.a["outputs"], e
+
+
+def _rewrite_member(data: bytes, prefix: str, content: bytes) -> bytes:
+    """The archive with the first member under `prefix` replaced, manifest digest included
+    (a well-formed archive whose entry torch cannot use)."""
+    src = zipfile.ZipFile(io.BytesIO(data))
+    manifest = json.loads(src.read(MANIFEST_NAME))
+    target = next(name for name in sorted(manifest["files"]) if name.startswith(prefix))
+    manifest["files"][target].update(size=len(content), blake3=blake3.blake3(content).hexdigest())
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            body = src.read(info.filename)
+            if info.filename == target:
+                body = content
+            elif info.filename == MANIFEST_NAME:
+                body = json.dumps(manifest).encode()
+            dst.writestr(info.filename, body)
+    return out.getvalue()
 
 
 @pytest.mark.mount
@@ -189,7 +253,7 @@ def test_corrupt_archive_is_survived_and_replaced(shared: Any) -> None:
     c = run_worker("compile", "broken/v1", data_dir=shared.mount.path, local_dir=shared.base / "local-c", tmpdir=shared.tmpdir)
     assert "ignoring the shared inductor cache" in c["stderr"] and "corrupt" in c["stderr"]
     assert "Traceback" not in c["stderr"]
-    assert c["files_loaded"] == 0 and c["fxgraph_cache_miss"] == 2, c  # compiled as if there were no cache
+    assert c["fxgraph_cache_miss"] == 2 and c["cpp_kernels_compiled"] > 0, c  # compiled as if there were no cache
     assert c["outputs"] == shared.a["outputs"]
     manifest = _assert_valid_archive(broken)
     assert any(name.startswith("fxgraph/") for name in manifest["files"])
@@ -200,9 +264,10 @@ def test_mega_cache_option(shared: Any) -> None:
     if not shared.a["has_mega_cache"]:
         pytest.skip(f"torch {shared.a['torch']} has no torch.compiler.save_cache_artifacts")
     # The publisher starts from a copy of A's warm local cache (so it hits instead
-    # of compiling again: the mega-cache records artifacts it used, not only new ones).
+    # of compiling again: the mega-cache records artifacts it used, not only new
+    # ones), less A's precompiled entry, so it traces and the FX graphs are recorded.
     local_p = shared.base / "local-mega-p"
-    shutil.copytree(shared.base / "local-a", local_p)
+    shutil.copytree(shared.base / "local-a", local_p, ignore=lambda d, names: ["dynamo"] if Path(d) == shared.base / "local-a" else [])
     p = run_worker("compile", "tiny-mega/v1", "--format", "mega", data_dir=shared.mount.path, local_dir=local_p, tmpdir=shared.tmpdir)
     archive = Path(p["archive"])
     with zipfile.ZipFile(archive) as zf:
@@ -211,12 +276,13 @@ def test_mega_cache_option(shared: Any) -> None:
     assert manifest["format"] == "mega" and len(manifest["blobs"]) == 1
     (blob,) = manifest["blobs"].values()
     assert len(blob["artifacts"]["inductor"]) == 2 and len(blob["artifacts"]["aot_autograd"]) == 2
+    assert len(blob["artifacts"]["precompile"]) == 1  # Dynamo's entry travels in the mega-cache too
     stamp = _stamp(archive)
 
     q = run_worker("compile", "tiny-mega/v1", "--format", "mega", data_dir=shared.mount.path,
                    local_dir=shared.base / "local-mega-q", tmpdir=shared.tmpdir)
-    assert q["fxgraph_cache_hit"] == 2 and q["fxgraph_cache_miss"] == 0, q
-    assert q["autograd_cache_hit"] == 2 and q["autograd_cache_miss"] == 0, q
+    assert q["dynamo_cache_hit"] == 1 and q["graphs_traced"] == 0, q
+    assert q["fxgraph_cache_miss"] == 0 and q["autograd_cache_miss"] == 0, q
     assert q["outputs"] == shared.a["outputs"]
     assert _stamp(archive) == stamp  # it used only what was published: nothing new to write
     stats = run_cli("inductor", "stats", "tiny-mega/v1", env={"DATAFS_DATA_DIR": str(shared.mount.path)}).stdout
@@ -281,6 +347,78 @@ def test_concurrent_syncs_merge_into_one_valid_archive(datafs_mount: Mount, tmp_
     assert set(manifest["files"]) == expected  # every worker's entries survived the race
     leftovers = [n for n in os.listdir(archive.parent) if ".tmp-" in n]
     assert not leftovers
+
+
+def _start_synthetic(data_dir: Path, tmp_path: Path, key: str, tag: str, compile_seconds: float,
+                     wait_seconds: float = 60) -> subprocess.Popen:
+    """A worker that plays a compile of `compile_seconds` when the cache gives it
+    nothing; its log goes to tmp_path/<tag>.log (see `_log_of`)."""
+    env = _worker_env(data_dir, tmp_path / f"local-{tag}", tmp_path,
+                      {"DATAFS_GPU_TYPE": "CPU", "DATAFS_INDUCTOR_WAIT_SECONDS": str(wait_seconds)})
+    with open(tmp_path / f"{tag}.log", "w") as log:
+        proc = subprocess.Popen(_worker_args("synthetic", key, "--tag", tag, "--files", "5", "--compile-seconds", str(compile_seconds)),
+                                stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=REPO)
+    proc.log_path = tmp_path / f"{tag}.log"  # type: ignore[attr-defined]
+    return proc
+
+
+def _log_of(proc: subprocess.Popen) -> str:
+    return proc.log_path.read_text()  # type: ignore[attr-defined]
+
+
+def _finish(proc: subprocess.Popen) -> dict[str, Any]:
+    out, _ = proc.communicate(timeout=WORKER_TIMEOUT_SECONDS)
+    err = _log_of(proc)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err, err
+    result = json.loads(out.strip().splitlines()[-1])
+    result["stderr"] = err
+    return result
+
+
+@pytest.mark.mount
+def test_workers_starting_together_compile_once(datafs_mount: Mount, tmp_path: Path) -> None:
+    """Four workers start on a key with no archive: the first takes the lease and
+    compiles, the other three wait for its archive and load it instead."""
+    key = "lease/v1"
+    procs = [_start_synthetic(datafs_mount.path, tmp_path, key, f"w{n}", compile_seconds=3) for n in range(4)]
+    results = [_finish(proc) for proc in procs]
+    compilers = [r for r in results if r["compiled"]]
+    assert len(compilers) == 1, [r["stderr"] for r in results]
+    (compiler,) = compilers
+    published = set(compiler["written"]) | {"common/same-everywhere.so"}
+    for waiter in (r for r in results if not r["compiled"]):
+        assert "is compiling" in waiter["stderr"] and "loaded the shared inductor cache" in waiter["stderr"], waiter["stderr"]
+        assert set(waiter["loaded"]) == published
+    archive = datafs_mount.path / "inductor-caches" / "CPU" / "lease" / "v1.zip"
+    assert set(_assert_valid_archive(archive)["files"]) == published
+    assert sorted(os.listdir(archive.parent)) == [".v1.zip.lock", "v1.zip"]  # the lease is gone
+
+
+@pytest.mark.mount
+def test_a_dead_lease_holder_is_taken_over(datafs_mount: Mount, tmp_path: Path) -> None:
+    """The holder is killed while compiling: the waiting worker sees it gone (a
+    process of this host that no longer exists), takes the lease and compiles."""
+    key = "lease-dead/v1"
+    lease = datafs_mount.path / "inductor-caches" / "CPU" / "lease-dead" / ".v1.zip.lease"
+    holder = _start_synthetic(datafs_mount.path, tmp_path, key, "hold", compile_seconds=120)
+    try:
+        deadline = time.monotonic() + 60
+        while not lease.exists():
+            assert holder.poll() is None and time.monotonic() < deadline, "the holder never took the lease"
+            time.sleep(0.05)
+        waiter = _start_synthetic(datafs_mount.path, tmp_path, key, "wait", compile_seconds=0.5)
+        while "is compiling" not in _log_of(waiter):
+            assert waiter.poll() is None and time.monotonic() < deadline, "the second worker did not wait"
+            time.sleep(0.05)
+    finally:
+        holder.kill()
+        holder.communicate(timeout=30)
+    result = _finish(waiter)
+    assert result["compiled"] and "taking over the compile lease" in result["stderr"], result["stderr"]
+    archive = lease.with_name("v1.zip")
+    assert set(_assert_valid_archive(archive)["files"]) == set(result["written"]) | {"common/same-everywhere.so"}
+    assert not lease.exists()
 
 
 @pytest.mark.mount

@@ -54,7 +54,7 @@ from typing import Any, Callable
 import blake3
 
 from . import lease
-from .torch_settings import CompileSettings
+from .torch_settings import CompileSettings, prepare_compiler
 
 log = logging.getLogger(__name__)
 
@@ -467,6 +467,7 @@ def load_inductor_cache(cache_key: str, *, format: str | None = None) -> str:
     try:
         path = archive_path(key)
         usable = _load_shared(path, local, wait_seconds)
+        prepare_compiler(cpu=get_gpu_type() == CPU_GPU_TYPE)  # after unpacking: the probe's libraries are in the cache
     except Exception:
         log.warning("could not load the shared inductor cache %s; compiling without it", path or key, exc_info=True)
     if path is not None:

@@ -1,22 +1,34 @@
 """What torch does differently between load and sync, so that a worker that
-loads a shared cache skips everything torch lets it skip.
+loads a shared cache skips everything torch lets it skip. Each choice was
+measured on the CPU build of torch 2.13 (a small CNN, 2 cores):
 
-- **Dynamo's caching precompile** (`torch._dynamo.config.caching_precompile`):
-  torch saves what Dynamo built for a compiled function (transformed bytecode,
-  guards, compiled backends) as one entry under `TORCHINDUCTOR_CACHE_DIR/dynamo/`,
-  and a later `torch.compile()` of the same function installs it: the first
-  call checks the guards and runs, with no tracing, no AOTAutograd and no
-  FX-graph lookups. If the guards fail (other shapes, other dtypes), Dynamo
-  traces as usual and the FX-graph cache still serves the kernels. torch writes
-  the entries only when asked, so `save_entries()` runs just before publishing;
-  they then travel in the archive like any other cache file.
 - **No precompiled C++ header** (`torch._inductor.config.cpp_cache_precompile_headers`):
-  on CPU, loading a cached kernel still builds torch's precompiled header
-  (about 150 MB, 6 s on 2 cores) before finding the kernel's `.so` ready,
-  because the header lives in `$TMPDIR`, not in the cache, and a new worker
-  has an empty `$TMPDIR`. The setting is part of the FX-graph cache key, so
-  it is the same for the worker that compiles and the ones that load.
-  An explicit TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS is left alone.
+  loading a cached CPU kernel still builds torch's precompiled header (about
+  150 MB, 6 s) before it finds the kernel's `.so` ready, because the header
+  lives in `$TMPDIR`, not in the cache, and a new worker's `$TMPDIR` is empty.
+  The setting is part of the FX-graph cache key, so it is the same for the
+  worker that compiles and the ones that load. An explicit
+  TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS is left alone.
+- **The CPU ISA probe beside the compiler's imports**: before loading a C++
+  kernel torch checks which vector ISAs work by loading a test library in a
+  new Python process per ISA (about 1 s in all), and its first compile imports
+  the compiler (about as long). `prepare_compiler()` does both at once right
+  after the archive is unpacked (the probe keeps its test libraries in the
+  cache), and waits for both before the app's own work starts.
+- **Dynamo's caching precompile** (`torch._dynamo.config.caching_precompile`;
+  DATAFS_INDUCTOR_PRECOMPILE=0 turns it off): torch saves what Dynamo built
+  (bytecode, guards, compiled backends) under `TORCHINDUCTOR_CACHE_DIR/dynamo/`
+  and a later `torch.compile()` of the same function installs it, so a loading
+  worker neither traces nor runs AOTAutograd nor looks up FX graphs. If the
+  guards fail (a new shape) Dynamo traces as usual and the FX-graph cache
+  serves what it can. Two defects of torch 2.13 shape how it is used: that
+  retrace would fail on a global name every process numbers from 0 (the
+  loaded entry installed the same name), so datafs numbers this process's
+  names from a random start; and torch cannot save guards on a class defined
+  inside a function or another class (TypeError "defined in local scope"),
+  which `synchronized_inductor_cache` explains in one line (move the class to
+  module level, or turn precompile off). `save_entries()` writes the entries
+  just before publishing (torch writes them only when asked).
 
 Invariants:
 - datafs never imports torch for this: the settings apply only if the app has
@@ -28,9 +40,13 @@ Invariants:
 
 from __future__ import annotations
 
+import importlib
+import itertools
 import logging
 import os
+import secrets
 import sys
+import threading
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -43,7 +59,75 @@ _DROPPED_GUARD_TEXT = "is dropped with caching_precompile=True"
 
 def precompile_wanted() -> bool:
     """On unless DATAFS_INDUCTOR_PRECOMPILE is 0/false/no/off."""
-    return os.environ.get(PRECOMPILE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return os.environ.get(PRECOMPILE_ENV, "").strip().lower() not in ("0", "false", "no", "off")
+
+
+_unique_names_moved = False
+
+
+def _unique_names_from_a_random_start() -> None:
+    """Dynamo names the globals it installs `<prefix>_<n>` from a per-process
+    counter starting at 0, and a loaded precompiled entry installs the names of
+    the process that saved it: the first retrace here would then install the
+    same name again and fail. Numbering from a random start keeps them apart."""
+    global _unique_names_moved
+    if _unique_names_moved:
+        return
+    try:
+        import torch._dynamo.bytecode_transformation as transformation
+    except Exception:
+        log.debug("cannot renumber Dynamo's global names", exc_info=True)
+        return
+    counter = getattr(transformation, "_unique_id_counter", None)
+    if isinstance(counter, itertools.count):
+        transformation._unique_id_counter = itertools.count(next(counter) + 1_000_000 + secrets.randbelow(1 << 40))
+        _unique_names_moved = True
+
+
+#: Modules torch.compile imports on its first call; importing them is the same work, done earlier.
+_COMPILER_MODULES = ("torch._dynamo.convert_frame", "torch._inductor.compile_fx")
+PROBE_TIMEOUT_SECONDS = 300.0
+_prepared = False
+
+
+def prepare_compiler(cpu: bool) -> None:
+    """Do two things the first compile would do one after the other, side by
+    side: find the usable CPU vector ISAs (their probes are child processes, so
+    the probing thread mostly waits) while this thread imports the compiler.
+
+    The probe is joined before returning: torch's answer is then cached for
+    the process and nothing probes concurrently with the app's compile (a
+    probe racing with one torch starts itself can pick another ISA, and so
+    other kernel keys: every kernel rebuilt)."""
+    global _prepared
+    if _prepared or "torch" not in sys.modules:
+        return
+    _prepared = True
+    probe: threading.Thread | None = None
+    if cpu:
+        try:  # the probe's own imports, here, so the two threads never import at once
+            import torch._inductor.codecache  # noqa: F401
+            import torch._inductor.cpp_builder  # noqa: F401
+            from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+        except Exception:
+            log.debug("no CPU ISA probe in this torch", exc_info=True)
+        else:
+            probe = threading.Thread(target=_probe, args=(valid_vec_isa_list,), name="datafs-cpu-isa-probe", daemon=True)
+            probe.start()
+    for module in _COMPILER_MODULES:
+        try:
+            importlib.import_module(module)
+        except Exception:
+            log.debug("could not import %s ahead of the compile", module, exc_info=True)
+    if probe is not None:
+        probe.join(PROBE_TIMEOUT_SECONDS)
+
+
+def _probe(valid_vec_isa_list: Any) -> None:
+    try:
+        valid_vec_isa_list()
+    except Exception:
+        log.debug("the CPU ISA probe failed; torch will probe again when it needs to", exc_info=True)
 
 
 class _DroppedGuardFilter(logging.Filter):
@@ -81,6 +165,7 @@ class CompileSettings:
             log.debug("torch's compiler configuration is not importable", exc_info=True)
             return
         if precompile_wanted() and hasattr(dynamo_config, "caching_precompile"):
+            _unique_names_from_a_random_start()
             self._set(dynamo_config, "caching_precompile", True)
             self._filter = _DroppedGuardFilter()
             logging.getLogger("torch._dynamo.guards").addFilter(self._filter)
