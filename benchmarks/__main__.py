@@ -53,6 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "metrics N+20.. (default 19200)")
     fleet.add_argument("--work-dir", type=Path, default=Path("/var/tmp"),
                        help="parent of the throwaway work dir (default /var/tmp)")
+    cold = sub.add_parser("coldstart", help="torch.compile cold start: worker A compiles, worker B loads; "
+                                             "N workers at once with and without the compile lease")
+    cold.add_argument("--model", default="cnn", help="cnn (a small CNN, ~20 s to compile on 2 cores) or tiny (an MLP)")
+    cold.add_argument("--workers", type=int, default=4, help="workers started together (default 4)")
+    cold.add_argument("--repeat", type=int, default=3, help="runs of worker B; the median is reported (default 3)")
+    cold.add_argument("--out", type=Path, default=Path("bench-results"), help="where coldstart.json goes")
+    cold.add_argument("--keep", action="store_true", help="keep the work dir (worker logs, state)")
+    cold.add_argument("--base-port", type=int, default=19100, help="first of 8 loopback ports for SeaweedFS")
+    cold.add_argument("--work-dir", type=Path, default=Path("/var/tmp"), help="parent of the throwaway work dir")
     return parser
 
 
@@ -63,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             from . import fleet
 
             return fleet.main(args)
+        if args.command == "coldstart":
+            return _coldstart(args)
         return _run(args)
     except BenchError as exc:
         print(f"benchmarks: {exc}", file=sys.stderr)
@@ -91,6 +102,22 @@ def _run(args: argparse.Namespace) -> int:
     written = report.write_report(options.out_dir, rows, meta)
     print(f"wrote {', '.join(str(p) for p in written.values())}", file=sys.stderr)
     print(report.markdown(rows, meta), end="")
+    return 0
+
+
+def _coldstart(args: argparse.Namespace) -> int:
+    from . import coldstart
+
+    options = coldstart.Options(model=args.model, workers=args.workers, repeat=args.repeat, out_dir=args.out,
+                                base_port=args.base_port, work_parent=args.work_dir.resolve(), keep=args.keep)
+    try:
+        options.out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"benchmarks: cannot create {options.out_dir}: {exc.strerror}", file=sys.stderr)
+        return 2
+    result, meta = coldstart.run(options)
+    print(f"wrote {coldstart.write(options.out_dir, result, meta)}", file=sys.stderr)
+    print(coldstart.markdown(result, meta), end="")
     return 0
 
 

@@ -187,7 +187,10 @@ def test_without_precompile_the_graphs_still_load(shared: Any) -> None:
     key includes Dynamo's settings), but every FX graph is a hit and no kernel is
     built (the header setting datafs changes is the same for every worker, so
     the FX keys match)."""
-    b = run_worker("compile", "tiny/v1", data_dir=shared.mount.path, local_dir=shared.base / "local-noprec",
+    archive = shared.mount.path / "inductor-caches" / "CPU" / "tiny-noprec" / "v1.zip"
+    archive.parent.mkdir(parents=True)
+    shutil.copyfile(shared.archive, archive)  # its own key: this worker publishes AOTAutograd entries of its own
+    b = run_worker("compile", "tiny-noprec/v1", data_dir=shared.mount.path, local_dir=shared.base / "local-noprec",
                    tmpdir=shared.tmpdir, env={"DATAFS_INDUCTOR_PRECOMPILE": "0"})
     assert b["dynamo_cache_hit"] == 0 and b["graphs_traced"] == 2, b
     assert b["fxgraph_cache_hit"] == 2 and b["fxgraph_cache_miss"] == 0, b

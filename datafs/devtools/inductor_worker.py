@@ -198,7 +198,7 @@ def main() -> None:
                         help="synthetic: play an app whose compile takes this long, inside the context")
     args = parser.parse_args()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("datafs").addHandler(handler)
     logging.getLogger("datafs").setLevel(logging.INFO)
     result = run_compile(args) if args.mode == "compile" else run_synthetic(args)

@@ -54,7 +54,7 @@ from typing import Any, Callable
 import blake3
 
 from . import lease
-from .torch_settings import CompileSettings, prepare_compiler
+from .torch_settings import CompileSettings, prepare_compiler, unsavable_class
 
 log = logging.getLogger(__name__)
 
@@ -653,6 +653,11 @@ def synchronized_inductor_cache(cache_key: str, *, format: str | None = None) ->
     dir_hash = load_inductor_cache(cache_key, format=format)
     try:
         yield
+    except Exception as exc:
+        if _settings.precompile and unsavable_class(exc):
+            log.error("torch cannot precompile this model: a class it guards on is defined inside a function or "
+                      "another class; define it at module level, or set DATAFS_INDUCTOR_PRECOMPILE=0")
+        raise
     finally:
         sync_inductor_cache(cache_key, dir_hash, format=format)
 

@@ -130,6 +130,21 @@ def _probe(valid_vec_isa_list: Any) -> None:
         log.debug("the CPU ISA probe failed; torch will probe again when it needs to", exc_info=True)
 
 
+#: torch 2.13's words when precompile meets a class that pickle cannot name.
+_UNSAVABLE_CLASS_TEXT = "cannot be saved into torch.compile() package"
+
+
+def unsavable_class(exc: BaseException) -> bool:
+    """Whether `exc` (or what it was raised from) is torch refusing to save a nested or local class."""
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 10:
+        if _UNSAVABLE_CLASS_TEXT in str(current):
+            return True
+        current, seen = current.__cause__ or current.__context__, seen + 1
+    return False
+
+
 class _DroppedGuardFilter(logging.Filter):
     """Keeps torch's per-guard 'dropped with caching_precompile' warnings out of the app's log."""
 
