@@ -134,6 +134,20 @@ def test_unknown_meta_engine_is_one_line_and_exit_2(tmp_path):
     assert result.stderr.strip().splitlines() == ["benchmarks: unknown metadata engine 'mysql': known engines are postgres"]
 
 
+def test_coldstart_bad_options_are_one_line_and_exit_2(tmp_path):
+    for args, message in [
+        (["--model", "resnet"], "benchmarks: unknown model 'resnet': use cnn or tiny"),
+        (["--workers", "0"], "benchmarks: --workers must be 1..16 and --repeat 1..10"),
+    ]:
+        result = subprocess.run(
+            [sys.executable, "-m", "benchmarks", "coldstart", *args, "--out", str(tmp_path / "out"),
+             "--base-port", str(BASE_PORT), "--work-dir", str(tmp_path)],
+            capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [message]
+    assert list(tmp_path.iterdir()) == [tmp_path / "out"]  # nothing was started or made
+
+
 def test_missing_postgres_is_a_usage_error(monkeypatch, tmp_path):
     from datafs.devtools import postgres
 

@@ -303,7 +303,8 @@ def test_cli_ls_stats_rm(shared: Any) -> None:
     assert "integrity:     ok" in stats and "format:        dir" in stats, stats
     assert "fx graphs:     2" in stats and "aot autograd:  2" in stats, stats
     kernels = int(stats.split("kernels:")[1].split()[0])
-    assert kernels == shared.a["cpp_kernels_compiled"] > 0, stats
+    # Every C++ library in the cache: the model's kernels and torch's CPU ISA probe libraries, built during load.
+    assert kernels >= shared.a["cpp_kernels_compiled"] > 0, stats
 
     # rm on a key of its own, so the shared archive stays for the other tests.
     target = shared.mount.path / "inductor-caches" / "CPU" / "cli" / "gone" / "v1.zip"

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from datafs import inductor
+from datafs.inductor import torch_settings
 from datafs.inductor import (
     archive_path,
     get_gpu_type,
@@ -112,6 +114,7 @@ def run_compile(args: argparse.Namespace) -> dict:
         "ready_cpu_seconds": round(cpu["compiled"] - cpu["entered"], 3),
         "sync_seconds": round(synced - marks["compiled"], 3),
         "breakdown": breakdown,
+        "load_breakdown": {**inductor.load_timings, **torch_settings.prepare_timings},
         "fxgraph_cache_hit": counters["inductor"]["fxgraph_cache_hit"],
         "fxgraph_cache_miss": counters["inductor"]["fxgraph_cache_miss"],
         "autograd_cache_hit": counters["aot_autograd"]["autograd_cache_hit"],

@@ -24,9 +24,16 @@ unchanged. Invariants:
   (else merge again). A per-key flock serializes publishers on one node; nothing
   depends on it: without it the worst case is that the last complete writer wins.
 - Nothing is written when nothing is new: same inode, same mtime.
+- Between load and sync torch runs with the settings of `torch_settings.py`
+  (Dynamo's caching precompile, no precompiled C++ header), the same in every
+  worker so the cache keys match; the app's own settings come back at sync.
+- Workers that start together on a key with no usable archive compile it once:
+  the first takes the key's lease, the others wait a bounded time for its
+  archive (`lease.py`).
 
 torch is imported only where it is needed (the mega-cache, GPU detection without
-nvidia-smi), so `import datafs.inductor` and the CLI stay cheap.
+nvidia-smi) and never for the app: `import datafs.inductor` and the CLI stay
+cheap, and the torch settings apply only once the app has imported torch.
 """
 
 from __future__ import annotations
@@ -441,6 +448,9 @@ class _Loaded:
 
 _loaded: dict[str, _Loaded] = {}
 _leases: dict[str, lease.Lease] = {}  # archive path -> the compile lease this process holds
+#: Where the last load's time went (seconds): waiting for another worker's
+#: archive, reading and unpacking it, and preparing the compiler.
+load_timings: dict[str, float] = {}
 _settings = CompileSettings()
 
 
@@ -466,8 +476,13 @@ def load_inductor_cache(cache_key: str, *, format: str | None = None) -> str:
     path: Path | None = None
     try:
         path = archive_path(key)
+        load_timings.clear()
+        started = time.perf_counter()
         usable = _load_shared(path, local, wait_seconds)
+        load_timings["archive_seconds"] = round(time.perf_counter() - started - load_timings.get("wait_seconds", 0.0), 3)
+        started = time.perf_counter()
         prepare_compiler(cpu=get_gpu_type() == CPU_GPU_TYPE)  # after unpacking: the probe's libraries are in the cache
+        load_timings["prepare_compiler_seconds"] = round(time.perf_counter() - started, 3)
     except Exception:
         log.warning("could not load the shared inductor cache %s; compiling without it", path or key, exc_info=True)
     if path is not None:
@@ -488,7 +503,9 @@ def _load_shared(path: Path, local: Path, wait_seconds: float) -> bool:
     path.parent.mkdir(parents=True, exist_ok=True)
     held = lease.try_acquire(path)
     if held is None:
+        waited = time.perf_counter()
         outcome = lease.wait_for_holder(path, lambda: _current_stamp(path) != seen, wait_seconds)
+        load_timings["wait_seconds"] = round(time.perf_counter() - waited, 3)
         if outcome == "published":
             loaded, seen = _load_archive(path, local)
             if loaded:

@@ -47,6 +47,7 @@ import os
 import secrets
 import sys
 import threading
+import time
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ def _unique_names_from_a_random_start() -> None:
 _COMPILER_MODULES = ("torch._dynamo.convert_frame", "torch._inductor.compile_fx")
 PROBE_TIMEOUT_SECONDS = 300.0
 _prepared = False
+#: How long the last prepare_compiler() took, and each of its two halves (they overlap).
+prepare_timings: dict[str, float] = {}
 
 
 def prepare_compiler(cpu: bool) -> None:
@@ -103,6 +106,7 @@ def prepare_compiler(cpu: bool) -> None:
     if _prepared or "torch" not in sys.modules:
         return
     _prepared = True
+    started = time.perf_counter()
     probe: threading.Thread | None = None
     if cpu:
         try:  # the probe's own imports, here, so the two threads never import at once
@@ -119,15 +123,19 @@ def prepare_compiler(cpu: bool) -> None:
             importlib.import_module(module)
         except Exception:
             log.debug("could not import %s ahead of the compile", module, exc_info=True)
+    prepare_timings["compiler_imports_seconds"] = round(time.perf_counter() - started, 3)
     if probe is not None:
         probe.join(PROBE_TIMEOUT_SECONDS)
+    prepare_timings["prepare_seconds"] = round(time.perf_counter() - started, 3)
 
 
 def _probe(valid_vec_isa_list: Any) -> None:
+    started = time.perf_counter()
     try:
         valid_vec_isa_list()
     except Exception:
         log.debug("the CPU ISA probe failed; torch will probe again when it needs to", exc_info=True)
+    prepare_timings["cpu_isa_probe_seconds"] = round(time.perf_counter() - started, 3)
 
 
 #: torch 2.13's words when precompile meets a class that pickle cannot name.
