@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return fleet.main(args)
         if args.command == "coldstart":
-            return _coldstart(args)
+            from . import coldstart
+
+            return coldstart.main(args)
         return _run(args)
     except BenchError as exc:
         print(f"benchmarks: {exc}", file=sys.stderr)
@@ -102,22 +104,6 @@ def _run(args: argparse.Namespace) -> int:
     written = report.write_report(options.out_dir, rows, meta)
     print(f"wrote {', '.join(str(p) for p in written.values())}", file=sys.stderr)
     print(report.markdown(rows, meta), end="")
-    return 0
-
-
-def _coldstart(args: argparse.Namespace) -> int:
-    from . import coldstart
-
-    options = coldstart.Options(model=args.model, workers=args.workers, repeat=args.repeat, out_dir=args.out,
-                                base_port=args.base_port, work_parent=args.work_dir.resolve(), keep=args.keep)
-    try:
-        options.out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        print(f"benchmarks: cannot create {options.out_dir}: {exc.strerror}", file=sys.stderr)
-        return 2
-    result, meta = coldstart.run(options)
-    print(f"wrote {coldstart.write(options.out_dir, result, meta)}", file=sys.stderr)
-    print(coldstart.markdown(result, meta), end="")
     return 0
 
 

@@ -252,3 +252,17 @@ def write(out_dir: Path, result: dict[str, Any], meta: dict[str, Any]) -> Path:
     path = out_dir / "coldstart.json"
     path.write_text(json.dumps({"meta": meta, **result}, indent=1, sort_keys=True))
     return path
+
+
+def main(args) -> int:
+    """Run and report; errors are the caller's (`__main__`) to print."""
+    options = Options(model=args.model, workers=args.workers, repeat=args.repeat, out_dir=args.out,
+                      base_port=args.base_port, work_parent=args.work_dir.resolve(), keep=args.keep)
+    try:
+        options.out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create {options.out_dir}: {exc.strerror}") from None
+    result, meta = run(options)
+    print(f"wrote {write(options.out_dir, result, meta)}", file=sys.stderr)
+    print(markdown(result, meta), end="")
+    return 0
