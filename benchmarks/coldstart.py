@@ -3,7 +3,7 @@ another worker already compiled its model, and what four workers starting
 together on an empty cache cost.
 
 One SeaweedFS S3 server and one datafs mount, set up as `run` does, then
-fresh worker processes (`datafs/devtools/inductor_worker.py`), each with an
+fresh worker processes (`devtools/inductor_worker.py`), each with an
 empty local Inductor cache and an empty $TMPDIR, as a new machine has:
 
 1. worker A compiles and warms up the model inside `synchronized_inductor_cache`
@@ -56,7 +56,7 @@ class Options:
 
 
 def preflight(options: Options) -> None:
-    from datafs.devtools.seaweed import SeaweedError, weed_binary
+    from devtools.seaweed import SeaweedError, weed_binary
 
     if options.model not in MODELS:
         raise UsageError(f"unknown model {options.model!r}: use {' or '.join(MODELS)}")
@@ -94,7 +94,7 @@ class Workers:
         self.count += 1
         home = self.workdir / f"worker-{self.count:02d}"
         (home / "tmp").mkdir(parents=True)
-        command = [sys.executable, "-m", "datafs.devtools.inductor_worker", "compile", "--key", key, "--model", self.model]
+        command = [sys.executable, "-m", "devtools.inductor_worker", "compile", "--key", key, "--model", self.model]
         environment = child_env({"DATAFS_DATA_DIR": str(self.mountpoint), "DATAFS_INDUCTOR_LOCAL_DIR": str(home / "local"),
                                  "TMPDIR": str(home / "tmp"), "PYTHONPATH": str(REPO), **(env or {})})
         with open(home / "worker.log", "w") as log:
@@ -209,7 +209,7 @@ _BREAKDOWN_KEYS = ("dynamo_tracing", "aot_autograd_and_inductor", "graph_module_
 
 
 def run(options: Options, progress_stream=None) -> tuple[dict[str, Any], dict[str, Any]]:
-    from datafs.devtools.seaweed import SeaweedError, SeaweedServer
+    from devtools.seaweed import SeaweedError, SeaweedServer
 
     from .harness import _shielded, _sigterm_as_interrupt
 

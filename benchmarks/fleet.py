@@ -206,8 +206,8 @@ def _progress(text: str) -> None:
 
 
 def run(mode: str, base_port: int, work_parent: Path, keep: bool = False) -> tuple[list[Row], dict]:
-    from datafs.devtools.postgres import PostgresError, PostgresServer
-    from datafs.devtools.seaweed import SeaweedError, SeaweedServer
+    from devtools.postgres import PostgresError, PostgresServer
+    from devtools.seaweed import SeaweedError, SeaweedServer
 
     sizes = MODES[mode]
     os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"

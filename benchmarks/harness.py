@@ -80,7 +80,7 @@ class Progress:
 
 def preflight(options: Options, sizes: Sizes) -> None:
     """Everything that can be checked before anything starts: one clear line each."""
-    from datafs.devtools.seaweed import SeaweedError, weed_binary
+    from devtools.seaweed import SeaweedError, weed_binary
 
     unknown = [p for p in options.peers if p not in KNOWN_PEERS]
     if unknown:
@@ -110,7 +110,7 @@ def preflight(options: Options, sizes: Sizes) -> None:
 
 
 def _preflight_postgres(options: Options) -> None:
-    from datafs.devtools.postgres import PostgresError, check_parent_dir, postgres_bindir
+    from devtools.postgres import PostgresError, check_parent_dir, postgres_bindir
 
     try:
         import psycopg  # noqa: F401  (creates and drops the targets' databases)
@@ -132,7 +132,7 @@ def _versions(with_juicefs: bool, with_postgres: bool) -> dict[str, str | None]:
     import re
 
     import datafs
-    from datafs.devtools.seaweed import weed_binary
+    from devtools.seaweed import weed_binary
 
     def version_of(command: list[str]) -> str | None:
         try:
@@ -147,7 +147,7 @@ def _versions(with_juicefs: bool, with_postgres: bool) -> dict[str, str | None]:
     if jfs:
         versions["JuiceFS"] = version_of([jfs, "version"])
     if with_postgres:
-        from datafs.devtools.postgres import postgres_bindir
+        from devtools.postgres import postgres_bindir
 
         versions["PostgreSQL"] = version_of([str(postgres_bindir() / "postgres"), "--version"])
     versions.update({
@@ -193,8 +193,8 @@ def _shielded():
 
 def _plan(server, client, targets: list[Target], sizes: Sizes, pg=None) -> list[Step]:
     """Every step of the run, in order, so progress can count them up front."""
-    from datafs.devtools.postgres import PostgresError
-    from datafs.devtools.seaweed import SeaweedError
+    from devtools.postgres import PostgresError
+    from devtools.seaweed import SeaweedError
 
     def start_server() -> list[Row]:
         try:
@@ -241,8 +241,8 @@ def _no_rows(action):
 
 def run(options: Options, progress_stream=None) -> tuple[list[Row], dict]:
     """Run every step; return the rows (ratios not yet filled) and the run's metadata."""
-    from datafs.devtools.postgres import PostgresServer
-    from datafs.devtools.seaweed import SeaweedServer
+    from devtools.postgres import PostgresServer
+    from devtools.seaweed import SeaweedServer
 
     sizes = MODES[options.mode]
     preflight(options, sizes)

@@ -116,7 +116,7 @@ def _pg_call(what: str, action):
     """Run an administrative call; a failure is one BenchError line, not a traceback."""
     import psycopg
 
-    from datafs.devtools.postgres import PostgresError
+    from devtools.postgres import PostgresError
 
     try:
         return action()

@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 import pytest
 
 from datafs.daemon import read_daemon_pid
-from datafs.devtools.postgres import PostgresDatabase, PostgresServer
+from devtools.postgres import PostgresDatabase, PostgresServer
 from datafs.mounts import pid_alive
 
 REPO = Path(__file__).resolve().parent.parent
@@ -187,7 +187,7 @@ def seaweed_fixture(base_port: int):
 
     @pytest.fixture(scope="module")
     def s3(tmp_path_factory):
-        from datafs.devtools.seaweed import SeaweedServer
+        from devtools.seaweed import SeaweedServer
 
         server = SeaweedServer(tmp_path_factory.mktemp("weed"), base_port)
         server.start()

@@ -149,7 +149,7 @@ def test_coldstart_bad_options_are_one_line_and_exit_2(tmp_path):
 
 
 def test_missing_postgres_is_a_usage_error(monkeypatch, tmp_path):
-    from datafs.devtools import postgres
+    from devtools import postgres
 
     def missing():
         raise postgres.PostgresError("the PostgreSQL server (initdb, postgres) is not installed: "

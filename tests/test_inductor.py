@@ -1,6 +1,6 @@
 """The Inductor compile-cache API on a real datafs mount, with real torch.
 
-Worker processes (datafs/devtools/inductor_worker.py) play the app: each is a fresh
+Worker processes (devtools/inductor_worker.py) play the app: each is a fresh
 process with its own empty local working cache, as a new GPU worker would be.
 Worker A's compile is the expensive part (~20 s on 2 cores), so it runs once
 per module on a module-scoped mount and the tests that need its archive share
@@ -43,7 +43,7 @@ from datafs.inductor import (
 
 from .conftest import REPO, Mount, run_cli
 
-WORKER = REPO / "datafs" / "devtools" / "inductor_worker.py"
+WORKER = REPO / "devtools" / "inductor_worker.py"
 WORKER_TIMEOUT_SECONDS = 300
 
 

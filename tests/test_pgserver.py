@@ -1,4 +1,4 @@
-"""The throwaway PostgreSQL server (datafs/devtools/postgres.py) that the
+"""The throwaway PostgreSQL server (devtools/postgres.py) that the
 metadata-engine tests and the benchmarks stand on.
 
 The session server (`pg_server`, port 19450) and its per-test databases
@@ -21,8 +21,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from datafs.devtools import postgres
-from datafs.devtools.postgres import PostgresError, PostgresServer
+from devtools import postgres
+from devtools.postgres import PostgresError, PostgresServer
 from datafs.mounts import pid_alive
 
 RESTART_PORT, STOP_PORT, PAUSE_PORT = 19451, 19452, 19453

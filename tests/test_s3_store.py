@@ -28,7 +28,7 @@ from botocore.exceptions import (
 )
 from botocore.stub import Stubber
 
-from datafs.devtools.seaweed import SeaweedServer, weed_binary
+from devtools.seaweed import SeaweedServer, weed_binary
 from datafs.errors import ChunkMissing, StoreError, UsageError
 from datafs.mounts import pid_alive
 from datafs.tiers.s3_store import S3Store, classify_error

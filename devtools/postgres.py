@@ -307,11 +307,11 @@ class PostgresServer:
         }
         if not self.durable:
             settings.update(fsync="off", synchronous_commit="off", full_page_writes="off")
-        return "\n# datafs.devtools.postgres\n" + "".join(f"{k} = {v}\n" for k, v in settings.items())
+        return "\n# devtools.postgres\n" + "".join(f"{k} = {v}\n" for k, v in settings.items())
 
     def _hba(self) -> str:
         return (
-            "# datafs.devtools.postgres: the superuser only through the unix socket (a dir only the\n"
+            "# devtools.postgres: the superuser only through the unix socket (a dir only the\n"
             "# server's owner and root can enter); TCP only from 127.0.0.1, only with a password.\n"
             "local all all trust\n"
             f"host all all {HOST}/32 scram-sha-256\n"

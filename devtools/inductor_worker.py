@@ -1,7 +1,7 @@
 """One worker process for the Inductor cache tests and the cold-start benchmark.
 
-    python -m datafs.devtools.inductor_worker compile --key tiny/v1 [--model tiny|cnn] [--batches 4,8]
-    python -m datafs.devtools.inductor_worker synthetic --key k --tag w1 [--files 20] [--start-at UNIX_TIME]
+    python -m devtools.inductor_worker compile --key tiny/v1 [--model tiny|cnn] [--batches 4,8]
+    python -m devtools.inductor_worker synthetic --key k --tag w1 [--files 20] [--start-at UNIX_TIME]
 
 `compile` builds a model with torch.compile inside `synchronized_inductor_cache`
 and warms it up over a few batch sizes (eval, no_grad, static shapes), as an
@@ -76,7 +76,7 @@ def run_compile(args: argparse.Namespace) -> dict:
     import torch._dynamo  # noqa: F401  (imported by every torch.compile user: part of import, not of compile)
     from torch._dynamo.utils import compilation_time_metrics, counters
 
-    from datafs.devtools.inductor_models import build_model
+    from devtools.inductor_models import build_model
 
     import_seconds = time.perf_counter() - started
     model, make_input = build_model(args.model)

@@ -1,2 +1,0 @@
-"""Tools for developing and measuring datafs (test servers, benchmark helpers):
-never imported by the filesystem itself."""
