@@ -9,17 +9,20 @@ over a pipe, and `mount` returns only once the filesystem is mounted.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
+
+import click
 
 from . import __version__, config, logs, mounts
 from .errors import UsageError
 
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 DEFAULT_UMOUNT_TIMEOUT_SECONDS = 120.0
 #: After ending stuck reads, how long umount retries while the mount is busy.
 UMOUNT_RETRY_SECONDS = 3.0
@@ -81,27 +84,9 @@ def _fusermount(mountpoint: Path, lazy: bool = False) -> subprocess.CompletedPro
     return subprocess.run(["umount"] + (["-l"] if lazy else []) + [str(mountpoint)], capture_output=True, text=True)
 
 
-def cmd_mount(args: argparse.Namespace) -> int:
-    settings = config.apply_overrides(config.from_env(), {
-        "mountpoint": args.mountpoint,
-        "state_dir": args.state_dir,
-        "meta": args.meta,
-        "volume": args.volume,
-        "meta_password_file": args.meta_password_file,
-        "peer_listen": args.peer_listen,
-        "peer_secret_file": args.peer_secret_file,
-        "store": args.store,
-        "cache_dir": args.cache_dir,
-        "cache_size_bytes": args.cache_size,
-        "foreground": True if args.foreground else None,
-        "log_level": args.log_level,
-        "s3_endpoint": args.s3_endpoint,
-        "metrics_address": args.metrics_address,
-        "fsync_waits_upload": True if args.fsync_waits_upload else None,
-    }).resolve()
+def cmd_mount(mountpoint: str, flags: dict) -> int:
+    settings = config.load(mountpoint=mountpoint, **flags)
     assert settings.mountpoint is not None
-    if "," in str(settings.state_dir):
-        raise UsageError(f"state dir {settings.state_dir} must not contain a comma")
     _check_mountpoint(settings.mountpoint, settings.state_dir)
     _check_fuse_device()
 
@@ -111,6 +96,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     daemon.acquire_lock()
     if settings.foreground:
         logs.setup(settings.log_level, settings.log_format)
+        logs.effective_settings(settings.public())
         return _run_daemon(daemon)
     return _spawn_daemon(daemon)
 
@@ -154,6 +140,7 @@ def _spawn_daemon(daemon) -> int:
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
         logs.setup(settings.log_level, settings.log_format)
+        logs.effective_settings(settings.public())
         status = 0
         try:
             try:
@@ -172,6 +159,11 @@ def _spawn_daemon(daemon) -> int:
 
             trio.run(daemon.run)
             status = 1 if (daemon.exit_report or {}).get("lost") else 0
+        except UsageError as exc:  # a mistake, told to `datafs mount` too: one line, no traceback
+            import logging
+
+            logging.getLogger("datafs").error("could not mount: %s", exc)
+            status = 1
         except BaseException:
             import logging
 
@@ -201,13 +193,19 @@ def _datafs_mount(mountpoint: str) -> mounts.MountInfo:
     path = Path(os.path.abspath(mountpoint))
     info = mounts.find_mount(path)
     if info is None:
+        enclosing = mounts.mount_containing(path)
+        if enclosing is not None and enclosing.is_datafs:
+            raise UsageError(f"{path} is not mounted: it is a path inside the datafs mount {enclosing.mountpoint}; "
+                             f"give that mount point")
+        if not os.path.lexists(path):
+            raise UsageError(f"{path} is not mounted: it does not exist")
         raise UsageError(f"{path} is not mounted")
     if not info.is_datafs:
         raise UsageError(f"{path} is not a datafs mount (it is {info.fstype})")
     return info
 
 
-def cmd_umount(args: argparse.Namespace) -> int:
+def cmd_umount(args: SimpleNamespace) -> int:
     """Unmount, wait for the daemon to exit, and say what it could not keep:
     exit 1 if writes were lost (the daemon had died, or could not commit
     something at shutdown), with one line per file; committed chunks not yet
@@ -313,7 +311,7 @@ def _format_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def cmd_status(args: SimpleNamespace) -> int:
     """Exit 0 when healthy, 1 when uploads are failing, 2 when the daemon is
     not running (or another error)."""
     info = _datafs_mount(args.mountpoint)
@@ -355,7 +353,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sync(args: argparse.Namespace) -> int:
+def cmd_sync(args: SimpleNamespace) -> int:
     """Wait until the named files (or everything this node wrote) are in the object store."""
     from tqdm import tqdm
 
@@ -430,7 +428,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         time.sleep(0.2)
 
 
-def cmd_warmup(args: argparse.Namespace) -> int:
+def cmd_warmup(args: SimpleNamespace) -> int:
     from .warmup import warmup
 
     paths = [Path(p) for p in args.paths]
@@ -446,75 +444,112 @@ def cmd_warmup(args: argparse.Namespace) -> int:
 
 
 # ---- entry point ----------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="datafs", description="Shared model-storage filesystem for GPU fleets.")
-    parser.add_argument("--version", action="version", version=f"datafs {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+@click.group(context_settings=CONTEXT, no_args_is_help=True)
+@click.version_option(__version__, "--version", prog_name="datafs", message="%(prog)s %(version)s")
+def cli() -> None:
+    """Shared model-storage filesystem for GPU fleets."""
 
-    mount = sub.add_parser("mount", help="mount datafs (returns once the mount is ready)")
-    mount.add_argument("mountpoint", help="an existing empty directory, e.g. /data")
-    mount.add_argument("--state-dir", help="metadata, cache and embedded store (default /var/lib/datafs as root, else ~/.local/share/datafs)")
-    mount.add_argument("--meta", help="metadata engine: postgresql://USER@HOST:PORT/DB shares one namespace between nodes (default: embedded LMDB in STATE_DIR)")
-    mount.add_argument("--volume", help="volume name inside the metadata engine (default: default)")
-    mount.add_argument("--meta-password-file", help="file holding the metadata engine's password (else DATAFS_META_PASSWORD, PGPASSWORD or ~/.pgpass)")
-    mount.add_argument("--peer-listen", help="serve and read chunks between nodes: HOST:PORT to listen on, also the address the others use (needs --meta and the fleet secret)")
-    mount.add_argument("--peer-secret-file", help="file holding the fleet secret peers sign requests with (else DATAFS_PEER_SECRET)")
-    mount.add_argument("--store", help="object store URL: file:///PATH (default: STATE_DIR/store) or s3://BUCKET[/PREFIX]; recorded in the volume at its first mount")
-    mount.add_argument("--s3-endpoint", help="S3 endpoint URL for MinIO, SeaweedFS, ... (default: AWS)")
-    mount.add_argument("--cache-dir", help="local chunk cache directory (default: STATE_DIR/cache)")
-    mount.add_argument("--cache-size", help="local cache byte limit, e.g. 50G (default 50G)")
-    mount.add_argument("--foreground", action="store_true", help="stay attached (for systemd and containers)")
-    mount.add_argument("--log-level", help="debug, info, warning (default) or error")
-    mount.add_argument("--metrics-address", help="serve Prometheus metrics on HOST:PORT")
-    mount.add_argument("--fsync-waits-upload", action="store_true", help="fsync returns only once the file is in the object store")
-    mount.set_defaults(func=cmd_mount)
 
-    umount = sub.add_parser("umount", help="flush, unmount and wait for the daemon to exit")
-    umount.add_argument("mountpoint")
-    umount.add_argument("--timeout", type=float, default=DEFAULT_UMOUNT_TIMEOUT_SECONDS, help="seconds to wait for the daemon")
-    umount.set_defaults(func=cmd_umount)
+def _mount_flags(command):
+    """One flag per setting that declares one (datafs/config.py): the flag,
+    its help and its environment names are written there, once."""
+    for name, decl in reversed(config.fields_with_flags()):
+        env = ", ".join(decl["env"])
+        default = decl["default_text"] or ("off" if decl["bool"] else decl["default"])
+        help_text = f"{decl['help']} [env {env}" + (f"; default {default}]" if default is not None else "]")
+        if decl["bool"]:
+            command = click.option(decl["flag"], name, is_flag=True, default=False, help=help_text)(command)
+        else:
+            command = click.option(decl["flag"], name, metavar=decl["metavar"], help=help_text)(command)
+    return command
 
-    status = sub.add_parser("status", help="show pending uploads and daemon state")
-    status.add_argument("mountpoint")
-    status.set_defaults(func=cmd_status)
 
-    sync = sub.add_parser("sync", help="wait until files (default: everything) are in the object store")
-    sync.add_argument("mountpoint")
-    sync.add_argument("paths", nargs="*", help="files on the mount (default: all pending uploads)")
-    sync.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait (default 3600)")
-    sync.set_defaults(func=cmd_sync)
+@cli.command("mount", context_settings=CONTEXT)
+@click.argument("mountpoint")
+@_mount_flags
+def mount_command(mountpoint: str, **flags) -> int:
+    """Mount datafs on MOUNTPOINT (an existing empty directory, e.g. /data);
+    returns once the mount is ready. Every flag is also a DATAFS_* variable;
+    flags win."""
+    return cmd_mount(mountpoint, {name: (value or None) if isinstance(value, bool) else value
+                                  for name, value in flags.items()})
 
-    warm = sub.add_parser("warmup", help="pre-read files or directory trees into the local cache, in parallel")
-    warm.add_argument("paths", nargs="+")
-    warm.add_argument("--parallel", type=int, default=32, help="concurrent readers (default 32)")
-    warm.set_defaults(func=cmd_warmup)
 
-    from .env_cli import add_parser as add_env
-    from .fsck_cli import add_parser as add_fsck
-    from .stats_cli import add_parser as add_stats
+@cli.command("umount", context_settings=CONTEXT)
+@click.argument("mountpoint")
+@click.option("--timeout", type=float, default=DEFAULT_UMOUNT_TIMEOUT_SECONDS, show_default=True,
+              help="seconds to wait for the daemon")
+def umount_command(mountpoint: str, timeout: float) -> int:
+    """Commit open files, unmount, and wait for the daemon to exit."""
+    return cmd_umount(SimpleNamespace(mountpoint=mountpoint, timeout=timeout))
 
-    add_fsck(sub)
-    add_stats(sub)
-    add_env(sub)
 
+@cli.command("status", context_settings=CONTEXT)
+@click.argument("mountpoint")
+def status_command(mountpoint: str) -> int:
+    """Show the daemon, pending and failing uploads, the cache (exit 0 healthy,
+    1 uploads failing, 2 not mounted or the daemon not running)."""
+    return cmd_status(SimpleNamespace(mountpoint=mountpoint))
+
+
+@cli.command("sync", context_settings=CONTEXT)
+@click.argument("mountpoint")
+@click.argument("paths", nargs=-1)
+@click.option("--timeout", type=float, default=3600.0, show_default=True, help="seconds to wait")
+def sync_command(mountpoint: str, paths: tuple[str, ...], timeout: float) -> int:
+    """Wait until files on the mount (default: everything) are in the object store."""
+    return cmd_sync(SimpleNamespace(mountpoint=mountpoint, paths=list(paths), timeout=timeout))
+
+
+@cli.command("warmup", context_settings=CONTEXT)
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--parallel", type=click.IntRange(min=1), default=32, show_default=True, help="concurrent readers")
+def warmup_command(paths: tuple[str, ...], parallel: int) -> int:
+    """Pre-read files or directory trees into the local cache, in parallel."""
+    return cmd_warmup(SimpleNamespace(paths=list(paths), parallel=parallel))
+
+
+def _add_commands() -> None:
+    from .env_cli import env_command
+    from .fsck_cli import fsck_command
+    from .stats_cli import stats_command
+
+    for command in (fsck_command, stats_command, env_command):
+        cli.add_command(command)
     try:
-        from .inductor_cli import add_parser as add_inductor
+        from .inductor_cli import inductor_group
     except ImportError:
         pass
     else:
-        add_inductor(sub)
-    return parser
+        cli.add_command(inductor_group)
+
+
+_add_commands()
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line; every mistake is one line on stderr and a
+    non-zero exit (2), never a traceback or a usage dump."""
     try:
-        return args.func(args) or 0
+        status = cli.main(args=argv, prog_name="datafs", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.ctx.get_help() if exc.ctx else "", err=True)
+        return 2
+    except click.ClickException as exc:
+        hint = ""
+        ctx = getattr(exc, "ctx", None)
+        if ctx is not None and ctx.command_path != "datafs":
+            hint = f" (see '{ctx.command_path} --help')"
+        print(f"datafs: {exc.format_message()}{hint}", file=sys.stderr)
+        return exc.exit_code
+    except click.exceptions.Abort:
+        return 130
     except UsageError as exc:
         print(f"datafs: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

@@ -168,7 +168,7 @@ class Daemon:
             raise UsageError("don't put the metadata password in --meta (it shows in the process list): "
                              "use --meta-password-file, DATAFS_META_PASSWORD, PGPASSWORD or ~/.pgpass")
         return PostgresKV(
-            s.meta, volume=s.volume, password=s.meta_password(),
+            s.meta, volume=s.volume, password=s.database_password(),
             pool_size=s.meta_concurrency, timeout_seconds=s.meta_timeout_seconds,
         )
 
@@ -204,7 +204,7 @@ class Daemon:
         self.store = open_store(url, s3_endpoint=endpoint, s3_region=region, s3_timeouts={
             "connect_timeout_seconds": self.settings.s3_connect_timeout_seconds,
             "read_timeout_seconds": self.settings.s3_read_timeout_seconds,
-        })
+        }, create_under=self.settings.state_dir)
         self.store.check()
         self.store = _with_test_faults(self.store)  # only with DATAFS_FAULTS set (tests)
 
@@ -298,7 +298,7 @@ class Daemon:
         from .peers.tier import PeerTier
 
         s = self.settings
-        secret = s.peer_secret()
+        secret = s.fleet_secret()
         host, _, port = s.peer_listen.rpartition(":")
         try:  # fail at mount time, not after the mount is up
             with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:

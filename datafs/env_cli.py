@@ -14,17 +14,20 @@ at the mount.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
+
+import click
 
 DEFAULT_MOUNTPOINT = "/data"
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    env = sub.add_parser("env", help="print the export lines that put Hugging Face and torch caches on the mount")
-    env.add_argument("mountpoint", nargs="?", default=DEFAULT_MOUNTPOINT, help="the datafs mount (default /data)")
-    env.set_defaults(func=cmd_env)
+@click.command("env", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("mountpoint", default=DEFAULT_MOUNTPOINT)
+def env_command(mountpoint: str) -> int:
+    """Print the export lines that put Hugging Face and torch caches on the
+    mount (default /data)."""
+    return cmd_env(mountpoint)
 
 
 def variables(mountpoint: str) -> list[tuple[str, str]]:
@@ -40,8 +43,8 @@ def variables(mountpoint: str) -> list[tuple[str, str]]:
     ]
 
 
-def cmd_env(args: argparse.Namespace) -> int:
-    for name, value in variables(args.mountpoint):
+def cmd_env(mountpoint: str) -> int:
+    for name, value in variables(mountpoint):
         print(f"export {name}={shlex.quote(value)}")
     print("# TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR: keep them on a local disk; share compiled")
     print("# kernels with datafs.inductor (synchronized_inductor_cache), which publishes them to the mount.")

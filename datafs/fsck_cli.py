@@ -9,7 +9,6 @@ repaired), 1 when problems remain, 2 for mistakes (one line, no traceback).
 
 from __future__ import annotations
 
-import argparse
 import errno
 import fcntl
 import json
@@ -18,7 +17,10 @@ import os
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+
+import click
 
 from . import config
 from .errors import UsageError
@@ -26,17 +28,20 @@ from .errors import UsageError
 PROGRESS_POLL_SECONDS = 0.5
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    fsck = sub.add_parser("fsck", help="check the metadata, the object store and the cache (read-only unless --repair)")
-    fsck.add_argument("mountpoint", nargs="?", help="a datafs mount (the check runs in its daemon)")
-    fsck.add_argument("--state-dir", help="check an unmounted LMDB state dir instead of a mount")
-    fsck.add_argument("--cache-dir", help="with --state-dir: its cache directory, if not STATE_DIR/cache")
-    fsck.add_argument("--verify", action="store_true", help="also read every chunk and check its BLAKE3 hash")
-    fsck.add_argument("--repair", action="store_true", help="fix what can be proven safe to fix")
-    fsck.set_defaults(func=cmd_fsck)
+@click.command("fsck", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("mountpoint", required=False)
+@click.option("--state-dir", metavar="DIR", help="check an unmounted LMDB state dir instead of a mount")
+@click.option("--cache-dir", metavar="DIR", help="with --state-dir: its cache directory, if not STATE_DIR/cache")
+@click.option("--verify", is_flag=True, help="also read every chunk and check its BLAKE3 hash")
+@click.option("--repair", is_flag=True, help="fix what can be proven safe to fix")
+def fsck_command(**options: Any) -> int:
+    """Check the metadata, the object store and the cache of a mount (in its
+    daemon) or of an unmounted state dir; read-only unless --repair. Exit 0
+    clean, 1 problems."""
+    return cmd_fsck(SimpleNamespace(**options))
 
 
-def cmd_fsck(args: argparse.Namespace) -> int:
+def cmd_fsck(args: SimpleNamespace) -> int:
     from .fsck import render
 
     if bool(args.mountpoint) == bool(args.state_dir):
@@ -52,7 +57,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 
 
 # ---- a mount: ask its daemon ---------------------------------------------------------------------
-def _check_mounted(args: argparse.Namespace) -> dict[str, Any]:
+def _check_mounted(args: SimpleNamespace) -> dict[str, Any]:
     from .cli import _control, _datafs_mount
 
     info = _datafs_mount(args.mountpoint)
@@ -117,7 +122,7 @@ class _Progress:
 
 
 # ---- an unmounted state dir: check it here ----------------------------------------------------
-def _check_unmounted(args: argparse.Namespace) -> dict[str, Any]:
+def _check_unmounted(args: SimpleNamespace) -> dict[str, Any]:
     import trio
 
     from .chunks.cache import ChunkCache
@@ -128,7 +133,7 @@ def _check_unmounted(args: argparse.Namespace) -> dict[str, Any]:
     from .meta.store import MetaStore
     from .tiers.store import open_store
 
-    settings = config.apply_overrides(config.from_env(), {"state_dir": args.state_dir, "cache_dir": args.cache_dir}).resolve()
+    settings = config.load(state_dir=args.state_dir, cache_dir=args.cache_dir)
     state_dir = settings.state_dir
     if not state_dir.is_dir():
         raise UsageError(f"state dir {state_dir} does not exist")

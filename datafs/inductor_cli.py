@@ -7,38 +7,42 @@ exit 2).
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
+
+import click
 
 from . import inductor
 from .errors import UsageError
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    data_dir_help = "the datafs mount holding the caches (default: $DATAFS_DATA_DIR or /data)"
-    # Accepted before or after the action; SUPPRESS keeps an action's missing
-    # flag from overwriting one given before it.
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data-dir", default=argparse.SUPPRESS, help=data_dir_help)
-    parser = subparsers.add_parser("inductor", help="list, inspect and remove shared torch.compile caches")
-    parser.add_argument("--data-dir", default=None, help=data_dir_help)
-    sub = parser.add_subparsers(dest="inductor_command", required=True, metavar="ACTION")
+_CONTEXT = {"help_option_names": ["-h", "--help"]}
+_DATA_DIR_HELP = "the datafs mount holding the caches (default: $DATAFS_DATA_DIR or /data)"
 
-    ls = sub.add_parser("ls", parents=[common], help="list cache keys with their sizes and ages")
-    ls.add_argument("--gpu", help="only this GPU type (e.g. H100, CPU); default: all")
-    ls.set_defaults(func=cmd_ls)
 
-    stats = sub.add_parser("stats", parents=[common], help="show versions, integrity, file and kernel counts of a cache")
-    stats.add_argument("key", help="cache key, e.g. my-model/v1")
-    stats.add_argument("--gpu", help="only this GPU type; default: all that have the key")
-    stats.set_defaults(func=cmd_stats)
+@click.group("inductor", context_settings=_CONTEXT)
+@click.option("--data-dir", metavar="DIR", help=_DATA_DIR_HELP)
+@click.pass_context
+def inductor_group(ctx: click.Context, data_dir: str | None) -> None:
+    """List, inspect and remove shared torch.compile caches."""
+    ctx.obj = data_dir
 
-    rm = sub.add_parser("rm", parents=[common], help="remove a cache (for every GPU type unless --gpu is given)")
-    rm.add_argument("key", help="cache key, e.g. my-model/v1")
-    rm.add_argument("--gpu", help="only this GPU type; default: all")
-    rm.set_defaults(func=cmd_rm)
+
+def _action(name: str, run, *, key: bool, gpu_help: str):
+    """An action taking --data-dir before or after its name (after wins)."""
+
+    @click.pass_context
+    def callback(ctx: click.Context, data_dir: str | None, gpu: str | None, key: str | None = None) -> int:
+        return run(SimpleNamespace(data_dir=data_dir or ctx.obj, gpu=gpu, key=key))
+
+    params = [click.Option(["--data-dir"], metavar="DIR", help=_DATA_DIR_HELP),
+              click.Option(["--gpu"], help=gpu_help)]
+    if key:
+        params.insert(0, click.Argument(["key"]))
+    command = click.Command(name, callback=callback, params=params, help=run.__doc__, context_settings=_CONTEXT)
+    inductor_group.add_command(command)
 
 
 # Mega-cache artifact kinds (torch.compiler._cache) as `stats` names them.
@@ -46,7 +50,7 @@ _ARTIFACT_LABELS = {"inductor": "fx graphs", "aot_autograd": "aot autograd", "au
                     "precompile": "precompiled"}
 
 
-def _setup(args: argparse.Namespace) -> Path:
+def _setup(args: SimpleNamespace) -> Path:
     if args.data_dir:
         os.environ["DATAFS_DATA_DIR"] = os.path.abspath(args.data_dir)
     root = inductor.data_dir()
@@ -79,7 +83,8 @@ def _bytes(n: float) -> str:
     return _format_bytes(n)
 
 
-def cmd_ls(args: argparse.Namespace) -> int:
+def cmd_ls(args: SimpleNamespace) -> int:
+    """List cache keys with their sizes and ages."""
     root = _setup(args)
     caches = inductor.list_caches(args.gpu)
     if not caches:
@@ -92,7 +97,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
-def _found(args: argparse.Namespace, root: Path) -> list[inductor.CacheListing]:
+def _found(args: SimpleNamespace, root: Path) -> list[inductor.CacheListing]:
     caches = inductor.find_caches(args.key, args.gpu)
     if not caches:
         where = f"{root}/{args.gpu}" if args.gpu else str(root)
@@ -100,7 +105,8 @@ def _found(args: argparse.Namespace, root: Path) -> list[inductor.CacheListing]:
     return caches
 
 
-def cmd_stats(args: argparse.Namespace) -> int:
+def cmd_stats(args: SimpleNamespace) -> int:
+    """Show versions, integrity, file and kernel counts of a cache (key e.g. my-model/v1)."""
     root = _setup(args)
     status = 0
     for n, cache in enumerate(_found(args, root)):
@@ -140,9 +146,15 @@ def _stats_rows(cache: inductor.CacheListing, info: dict) -> list[tuple[str, obj
     return rows
 
 
-def cmd_rm(args: argparse.Namespace) -> int:
+def cmd_rm(args: SimpleNamespace) -> int:
+    """Remove a cache (key e.g. my-model/v1), for every GPU type unless --gpu is given."""
     root = _setup(args)
     _found(args, root)
     for path in inductor.remove_cache(args.key, args.gpu):
         print(f"removed {path}")
     return 0
+
+
+_action("ls", cmd_ls, key=False, gpu_help="only this GPU type (e.g. H100, CPU); default: all")
+_action("stats", cmd_stats, key=True, gpu_help="only this GPU type; default: all that have the key")
+_action("rm", cmd_rm, key=True, gpu_help="only this GPU type; default: all")

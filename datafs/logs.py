@@ -24,10 +24,10 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in vars(record).items():
             if key not in _STANDARD:
-                out[key] = value if isinstance(value, (int, float, bool, type(None))) else str(value)
+                out[key] = value if isinstance(value, (int, float, bool, type(None), dict, list)) else str(value)
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out)
+        return json.dumps(out, default=str)
 
 
 class TextFormatter(logging.Formatter):
@@ -48,3 +48,11 @@ def setup(level: str = "warning", fmt: str = "json", stream=None) -> None:
     # pyfuse3 and botocore are chatty at info level.
     for noisy in ("pyfuse3", "botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def effective_settings(settings: dict) -> None:
+    """One line with every setting the daemon runs with (secrets masked by the
+    caller), whatever the log level: what an operator checks first."""
+    log = logging.getLogger("datafs.settings")
+    log.setLevel(logging.INFO)
+    log.info("effective settings", extra={"settings": settings})

@@ -29,19 +29,32 @@ def _unescape(field: str) -> str:
     return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 
 
-def find_mount(path: Path | str) -> MountInfo | None:
-    """The mount whose mount point is exactly `path` (the last one, if stacked)."""
-    target = os.path.abspath(path)
-    found = None
+def _mount_table() -> dict[str, MountInfo]:
+    """Mount point -> its mount (the last one, if stacked)."""
+    table = {}
     with open("/proc/self/mountinfo") as f:
         for line in f:
             left, _, right = line.partition(" - ")
             fields, rest = left.split(), right.split()
             if len(fields) < 5 or len(rest) < 2:
                 continue
-            if _unescape(fields[4]) == target:
-                found = MountInfo(_unescape(fields[4]), rest[0], _unescape(rest[1]), fields[2])
-    return found
+            table[_unescape(fields[4])] = MountInfo(_unescape(fields[4]), rest[0], _unescape(rest[1]), fields[2])
+    return table
+
+
+def find_mount(path: Path | str) -> MountInfo | None:
+    """The mount whose mount point is exactly `path` (the last one, if stacked)."""
+    return _mount_table().get(os.path.abspath(path))
+
+
+def mount_containing(path: Path | str) -> MountInfo | None:
+    """The innermost mount that `path` (existing or not) lies under."""
+    table = _mount_table()
+    target = Path(os.path.abspath(path))
+    for candidate in (target, *target.parents):
+        if str(candidate) in table:
+            return table[str(candidate)]
+    return None
 
 
 def pid_alive(pid: int) -> bool:

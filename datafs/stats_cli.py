@@ -12,8 +12,10 @@ Prometheus endpoint exports, so the two always agree.
 
 from __future__ import annotations
 
-import argparse
 import time
+from types import SimpleNamespace
+
+import click
 
 MIB = 1 << 20
 #: Rows between repeated headers, so a long run stays readable.
@@ -25,15 +27,16 @@ HEADER = (
 )
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    stats = sub.add_parser("stats", help="show what a mount is doing, refreshed every second")
-    stats.add_argument("mountpoint")
-    stats.add_argument("--once", action="store_true", help="print one line (the rates over one interval) and exit")
-    stats.add_argument("--interval", type=float, default=1.0, help="seconds between lines (default 1)")
-    stats.set_defaults(func=cmd_stats)
+@click.command("stats", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("mountpoint")
+@click.option("--once", is_flag=True, help="print one line (the rates over one interval) and exit")
+@click.option("--interval", type=float, default=1.0, show_default=True, help="seconds between lines")
+def stats_command(mountpoint: str, once: bool, interval: float) -> int:
+    """Show what a mount is doing, one line a second."""
+    return cmd_stats(SimpleNamespace(mountpoint=mountpoint, once=once, interval=interval))
 
 
-def cmd_stats(args: argparse.Namespace) -> int:
+def cmd_stats(args: SimpleNamespace) -> int:
     from .cli import _control, _datafs_mount
     from .errors import UsageError
 

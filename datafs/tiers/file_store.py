@@ -23,13 +23,21 @@ from .store import ObjectStore, StoredChunk, is_chunk_id, object_key
 class FileStore(ObjectStore):
     tier = "store"
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, create: bool = True):
         self.root = Path(root)
+        # A directory someone names must exist already: when it is a mount
+        # (NFS, a second disk) that is missing, creating it would quietly put
+        # the chunks on the wrong disk. The default inside the state dir is
+        # datafs's own and is created.
+        self.create = create
 
     def describe(self) -> str:
         return f"file://{self.root}"
 
     def check(self) -> None:
+        if not self.create and not self.root.is_dir():
+            raise UsageError(f"store directory {self.root} does not exist: create it first (mkdir -p {self.root}), "
+                             "or leave out --store for the embedded store in the state dir")
         try:
             (self.root / "chunks").mkdir(parents=True, exist_ok=True)
             (self.root / "tmp").mkdir(exist_ok=True)

@@ -73,8 +73,11 @@ class ObjectStore(abc.ABC):
         return type(self).__name__
 
 
-def open_store(url: str, *, s3_endpoint: str = "", s3_region: str = "", s3_timeouts: dict | None = None) -> ObjectStore:
-    """An object store by URL: `file:///path` or `s3://bucket[/prefix]`."""
+def open_store(url: str, *, s3_endpoint: str = "", s3_region: str = "", s3_timeouts: dict | None = None,
+               create_under: Path | None = None) -> ObjectStore:
+    """An object store by URL: `file:///path` or `s3://bucket[/prefix]`. A
+    file:// directory must exist, unless it lies under `create_under` (the
+    state dir, whose default store datafs creates)."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         raise UsageError(f"invalid store URL {url!r}: expected file:///PATH or s3://BUCKET[/PREFIX]")
@@ -83,7 +86,8 @@ def open_store(url: str, *, s3_endpoint: str = "", s3_region: str = "", s3_timeo
 
         if not rest.startswith("/"):
             raise UsageError(f"invalid store URL {url!r}: file:// needs an absolute path (file:///var/lib/x)")
-        return FileStore(Path(rest))
+        root = Path(rest)
+        return FileStore(root, create=create_under is not None and root.is_relative_to(create_under))
     if scheme == "s3":
         try:
             from .s3_store import S3Store
