@@ -38,7 +38,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import errors, metrics, mounts
+from . import errors, metrics, mounts, sdnotify
 from .control import ControlError, ControlServer
 from .chunks.cache import FD_CACHE_SIZE, ChunkCache
 from .chunks.ledger import ChunkLedger
@@ -422,7 +422,10 @@ class Daemon:
                 "mountpoint": str(self.settings.mountpoint), "store": self.store.describe(),
                 "meta": self.kv.describe(), "volume": self.volume.get("name"), "node": self.meta.node_id,
             })
+            # The kernel mount is up and every task that serves it has started.
+            sdnotify.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=mounted at {self.settings.mountpoint}")
             await pyfuse3.main()
+            sdnotify.notify("STOPPING=1\nSTATUS=committing open files and finishing uploads")
             lost = await self._commit_all()
             with trio.move_on_after(self.settings.shutdown_upload_grace_seconds):
                 await self.uploader.wait_idle()
