@@ -99,15 +99,20 @@ class _Progress:
             return
         from tqdm import tqdm
 
-        verifying = state["phase"] == "verifying"
+        from .progress import ByteProgress
+
+        verifying = state["phase"] == "verifying"  # bytes read and hashed; the other phases count keys
         if state["phase"] != self._phase:
             self.close()
             self._phase = state["phase"]
-            self._bar = tqdm(total=state.get("total"), initial=state.get("done", 0), desc=f"fsck: {self._phase}",
-                             file=sys.stderr, leave=False, unit="B" if verifying else " keys", unit_scale=verifying,
-                             unit_divisor=1024)
-        self._bar.n = state.get("done", 0)
-        self._bar.refresh()
+            desc = f"fsck: {self._phase}"
+            self._bar = (ByteProgress(state.get("total") or 0, desc=desc, file=sys.stderr, leave=False) if verifying
+                         else tqdm(total=state.get("total"), desc=desc, file=sys.stderr, leave=False, unit=" keys"))
+        if verifying:
+            self._bar.show_done_bytes(state.get("done", 0))
+        else:
+            self._bar.n = state.get("done", 0)
+            self._bar.refresh()
 
     def close(self) -> None:
         if self._bar is not None:

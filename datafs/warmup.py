@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from tqdm import tqdm
+from .progress import ByteProgress
 
 READ_SIZE_BYTES = 4 << 20
 
@@ -38,12 +38,12 @@ def collect_files(paths: list[Path]) -> list[tuple[Path, int]]:
     return out
 
 
-def _read_all(path: Path, progress: tqdm) -> int:
+def _read_all(path: Path, progress: ByteProgress) -> int:
     total = 0
     with open(path, "rb", buffering=0) as f:
         while chunk := f.read(READ_SIZE_BYTES):
             total += len(chunk)
-            progress.update(len(chunk))
+            progress.add_bytes(len(chunk))
     return total
 
 
@@ -53,8 +53,7 @@ def warmup(paths: list[Path], parallel: int = 32, quiet: bool = False) -> dict:
     started = time.monotonic()
     errors: list[str] = []
     done_bytes = 0
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="warmup",
-              disable=quiet or not sys.stderr.isatty(), file=sys.stderr) as progress:
+    with ByteProgress(total, desc="warmup", disable=quiet or not sys.stderr.isatty(), file=sys.stderr) as progress:
         with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
             futures = {pool.submit(_read_all, path, progress): path for path, _ in files}
             for future in concurrent.futures.as_completed(futures):
