@@ -22,6 +22,9 @@ import click
 from . import __version__, config, logs, mounts
 from .errors import UsageError
 
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 DEFAULT_UMOUNT_TIMEOUT_SECONDS = 120.0
 #: After ending stuck reads, how long umount retries while the mount is busy.
@@ -102,16 +105,30 @@ def cmd_mount(mountpoint: str, flags: dict) -> int:
 
 
 def _run_daemon(daemon) -> int:
-    import trio
-
     try:
         daemon.prepare()
         daemon.mount()
         _serve_metrics(daemon.settings.metrics_address)
-        trio.run(daemon.run)
+        _run_loop(daemon)
     finally:
         daemon.close()
     return 1 if (daemon.exit_report or {}).get("lost") else 0  # writes lost at shutdown
+
+
+def _run_loop(daemon) -> None:
+    """The daemon's event loop; a mistake found inside it (e.g. a peer address
+    in use) leaves as the `UsageError` itself, not wrapped in a group."""
+    import trio
+
+    try:
+        trio.run(daemon.run)
+    except BaseExceptionGroup as group:
+        mistakes = group.subgroup(lambda exc: isinstance(exc, UsageError))
+        while isinstance(mistakes, BaseExceptionGroup):
+            mistakes = mistakes.exceptions[0]
+        if mistakes is None:
+            raise
+        raise mistakes from None
 
 
 def _serve_metrics(address: str) -> None:
@@ -155,9 +172,7 @@ def _spawn_daemon(daemon) -> int:
                 raise
             os.write(write_end, b"ok")
             os.close(write_end)
-            import trio
-
-            trio.run(daemon.run)
+            _run_loop(daemon)
             status = 1 if (daemon.exit_report or {}).get("lost") else 0
         except UsageError as exc:  # a mistake, told to `datafs mount` too: one line, no traceback
             import logging
@@ -355,7 +370,7 @@ def cmd_status(args: SimpleNamespace) -> int:
 
 def cmd_sync(args: SimpleNamespace) -> int:
     """Wait until the named files (or everything this node wrote) are in the object store."""
-    from tqdm import tqdm
+    from .progress import ByteProgress
 
     info = _datafs_mount(args.mountpoint)
     body: dict = {"inodes": None}
@@ -396,13 +411,12 @@ def cmd_sync(args: SimpleNamespace) -> int:
                 print(f"sync: {pending['open_files_unsaved']} file(s) open for writing have writes not committed yet; "
                       f"sync covers what is committed (close or fsync them first)", file=sys.stderr)
             if interactive:
-                progress = tqdm(total=left, unit="B", unit_scale=True, unit_divisor=1024, desc="sync", file=sys.stderr)
+                progress = ByteProgress(left, desc="sync", file=sys.stderr)
         failing = pending.get("failing", 0)
         sample = next(iter(pending.get("failing_sample", {}).values()), "")
         if progress is not None:
-            progress.n = progress.total - left
             progress.set_postfix_str(f"{failing} failing" if failing else "", refresh=False)
-            progress.refresh()
+            progress.show_done_bytes(first["bytes"] - left)
         elif pending["chunks"] and now >= next_line:
             print(f"sync: {pending['chunks']} chunks ({_format_bytes(left)}) left"
                   + (f", {failing} failing: {sample}" if failing else ""), file=sys.stderr, flush=True)

@@ -101,7 +101,9 @@ def test_every_option_is_in_the_readme():
 
 
 # ---- the command line --------------------------------------------------------------------------
-def test_cli_mistakes_are_one_line_and_exit_2(tmp_path: Path):
+def test_cli_mistakes_are_one_line_and_exit_2(tmp_path: Path, env, capsys: pytest.CaptureFixture):
+    from datafs.cli import main
+
     cases = [
         (("mount", str(tmp_path), "--cache-size", "-5G"), "invalid --cache-size '-5G'", {}),
         (("mount", str(tmp_path)), "invalid DATAFS_CACHE_SIZE 'lots'", {"DATAFS_CACHE_SIZE": "lots"}),
@@ -110,14 +112,23 @@ def test_cli_mistakes_are_one_line_and_exit_2(tmp_path: Path):
         (("sync", str(tmp_path), "--timeout", "soon"), "'soon' is not a valid float", {}),
         (("status", str(tmp_path / "missing")), "is not mounted: it does not exist", {}),
     ]
-    for args, message, env in cases:
-        result = run_cli(*args, env=env, check=False)
-        assert result.returncode == 2, (args, result.stdout, result.stderr)
-        assert result.stderr.startswith("datafs: ") and message in result.stderr, (args, result.stderr)
-        assert len(result.stderr.splitlines()) == 1 and not result.stdout, (args, result.stderr)
-    assert run_cli("--version").stdout.strip().startswith("datafs ")
-    help_text = run_cli("mount", "--help").stdout
+    for args, message, variables in cases:
+        for key in variables:
+            os.environ[key] = variables[key]
+        status = main(list(args))
+        for key in variables:
+            del os.environ[key]
+        out, err = capsys.readouterr()
+        assert status == 2, (args, out, err)
+        assert err.startswith("datafs: ") and message in err, (args, err)
+        assert len(err.splitlines()) == 1 and not out, (args, err)
+    assert main(["mount", "--help"]) == 0
+    help_text = capsys.readouterr().out
     assert "--cache-size SIZE" in help_text and "DATAFS_CACHE_SIZE" in help_text
+    # The installed entry point behaves the same.
+    result = run_cli("mount", str(tmp_path), "--cache-size", "-5G", check=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "invalid --cache-size" in result.stderr
+    assert run_cli("--version").stdout.strip().startswith("datafs ")
 
 
 @pytest.mark.mount

@@ -15,8 +15,11 @@ import ctypes
 import json
 import os
 import re
+import signal
+import socket
 import stat
 import subprocess
+import sys
 import threading
 import urllib.request
 from pathlib import Path
@@ -241,30 +244,92 @@ def test_prometheus_example_scrapes_datafs():
     assert any(r["regex"] == "datafs" for r in keep)
 
 
+def _unit() -> configparser.ConfigParser:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # systemd keys are case-sensitive
+    unit.read_string((DEPLOY / "datafs.service").read_text())
+    return unit
+
+
 def test_compose_runs_postgres_minio_and_two_nodes():
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     services = compose["services"]
     assert any("postgres" in s.get("image", "") for s in services.values())
     assert any("minio" in s.get("image", "") for s in services.values())
+    for name, service in services.items():  # pinned: a tag, and not one that moves
+        tag = service["image"].rpartition(":")[2] if ":" in service.get("image", "") else ""
+        assert tag and tag != "latest", (name, service.get("image"))
     nodes = {name: s for name, s in services.items() if "/dev/fuse" in str(s.get("devices", []))}
     assert len(nodes) >= 2, sorted(services)
+    grace = int(_unit()["Service"]["TimeoutStopSec"])
     for name, node in nodes.items():
         environment = node.get("environment", {})
         if isinstance(environment, list):  # the KEY=value form
             environment = dict(item.partition("=")[::2] for item in environment)
         assert environment["DATAFS_META"].startswith("postgresql://"), name
         assert environment["DATAFS_STORE"].startswith("s3://"), name
+        # Built once from the Dockerfile; nothing installed at start, no checkout mounted.
+        assert node["build"]["dockerfile"] == "deploy/Dockerfile" and "command" not in node, name
+        assert not any(str(v).startswith(".:") for v in node["volumes"]), name
+        assert node["stop_grace_period"] == f"{grace}s", name
+        data = [v for v in node["volumes"] if isinstance(v, dict) and v["target"] == "/data"]
+        assert data and data[0]["bind"]["propagation"] == "rshared", name
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    base = re.findall(r"^FROM (\S+)", dockerfile, re.M)
+    assert base and all(":" in b and not b.endswith(":latest") for b in base), base
+    assert 'ENTRYPOINT ["datafs", "mount", "/data", "--foreground"]' in dockerfile
 
 
-def test_systemd_unit_mounts_and_unmounts():
-    unit = configparser.ConfigParser(strict=False, interpolation=None)
-    unit.optionxform = str  # systemd keys are case-sensitive
-    unit.read_string((DEPLOY / "datafs.service").read_text())
+def test_systemd_unit_waits_for_the_mount():
+    unit = _unit()
     service = unit["Service"]
-    assert "datafs mount /data" in service["ExecStart"] and "--foreground" in service["ExecStart"]
-    assert "datafs umount /data" in service["ExecStop"]
+    assert service["Type"] == "notify"  # started only once the daemon says the mount is up
+    assert service["ExecStart"].split()[:3] == ["datafs", "mount", "/data"] and "--foreground" in service["ExecStart"]
+    assert service["ExecStop"].split()[:3] == ["datafs", "umount", "/data"]
     assert int(service["TimeoutStopSec"]) >= 120
+    assert service["EnvironmentFile"] == "-/etc/default/datafs"
     assert unit["Install"]["WantedBy"]
+    # The example environment file names only variables datafs reads.
+    from datafs.config import Settings
+
+    known = {env for field in Settings.model_fields.values() for env in (field.json_schema_extra or {})["env"]}
+    example = re.findall(r"^#?(DATAFS_[A-Z0-9_]+)=", (DEPLOY / "datafs.default").read_text(), re.M)
+    assert example and set(example) <= known, set(example) - known
+
+
+@pytest.mark.mount
+def test_foreground_mount_tells_systemd_when_it_is_ready(tmp_path: Path):
+    """READY=1 arrives on $NOTIFY_SOCKET only once /data is the mount, and
+    STOPPING=1 when SIGTERM starts the shutdown."""
+    from datafs import mounts
+
+    mountpoint, notify_path = tmp_path / "mnt", tmp_path / "notify"
+    mountpoint.mkdir()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify_path))
+    listener.settimeout(60)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATAFS_")} | {"NOTIFY_SOCKET": str(notify_path)}
+    daemon = subprocess.Popen([sys.executable, "-m", "datafs", "mount", str(mountpoint), "--foreground",
+                               "--state-dir", str(tmp_path / "state")], env=env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        ready = listener.recv(4096).decode()
+        assert "READY=1" in ready.splitlines() and f"MAINPID={daemon.pid}" in ready, ready
+        info = mounts.find_mount(mountpoint)
+        assert info is not None and info.is_datafs
+        (mountpoint / "after-ready").write_bytes(b"on the mount")
+        daemon.send_signal(signal.SIGTERM)
+        assert "STOPPING=1" in listener.recv(4096).decode().splitlines()
+        assert daemon.wait(timeout=60) == 0, daemon.stderr.read()
+        assert not (mountpoint / "after-ready").exists()  # it went into datafs, not the directory beneath
+    finally:
+        listener.close()
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+        daemon.stdout.close()
+        daemon.stderr.close()
 
 
 # ---- datafs env ---------------------------------------------------------------------------------
