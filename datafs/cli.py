@@ -1,11 +1,14 @@
-"""The command line: mount, umount, status (and the inductor cache tools).
+"""The command line, on click: mount, umount, status, sync, warmup here;
+fsck, stats, env and the inductor cache tools in their own modules.
 
-User mistakes are `UsageError`s: one line on stderr, exit status 2, never a
-traceback. `mount` checks everything it can before it forks, so the common
-mistakes (missing mountpoint, already mounted, no /dev/fuse, state dir in use,
-bad sizes) fail in the foreground; the daemon then reports its own start-up
-over a pipe, and `mount` returns only once the filesystem is mounted.
-"""
+`datafs mount`'s flags are generated from the settings model
+(`config.Settings`), where each option is declared once with its environment
+names. User mistakes are `UsageError`s (or click's own usage errors): one line
+on stderr, exit status 2, never a traceback or a usage dump. `mount` checks
+everything it can before it forks, so the common mistakes (missing mountpoint,
+already mounted, no /dev/fuse, state dir in use, bad sizes) fail in the
+foreground; the daemon then reports its own start-up over a pipe, and `mount`
+returns only once the filesystem is mounted."""
 
 from __future__ import annotations
 
