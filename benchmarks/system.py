@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from datafs.mounts import pid_alive
+from datafs.mounts import pid_alive, processes
 
 
 def drop_page_cache() -> str | None:
@@ -94,19 +94,7 @@ def session_members(session_id: int) -> list[int]:
     """PIDs in the session `session_id`: a process the harness started with
     `start_new_session=True`, and every child it forked (JuiceFS forks its
     mount process from a watchdog)."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(") ", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        # After the command name: state, ppid, pgrp, session.
-        if int(fields[3]) == session_id and fields[0] != "Z":
-            members.append(int(entry))
-    return members
+    return processes(session=session_id)
 
 
 def kill_session(session_id: int, timeout_seconds: float = 10) -> None:

@@ -65,8 +65,30 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    return _stat(pid) is not None
+
+
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid,
+    pgrp, session, ...), or None if the process is gone or a zombie."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1][0] != "Z"
+            fields = f.read().rsplit(") ", 1)[1].split()
     except (OSError, IndexError):
-        return False
+        return None
+    return None if fields[0] == "Z" else fields
+
+
+def processes(*, parent: int | None = None, session: int | None = None) -> list[int]:
+    """Live processes (zombies excluded) whose parent is `parent`, or that are
+    in the session `session`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _stat(entry)
+        if fields is None:
+            continue
+        if (parent is None or int(fields[1]) == parent) and (session is None or int(fields[3]) == session):
+            found.append(int(entry))
+    return found

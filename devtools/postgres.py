@@ -47,7 +47,7 @@ import time
 import weakref
 from pathlib import Path
 
-from datafs.mounts import pid_alive
+from datafs.mounts import pid_alive, processes
 
 HOST = "127.0.0.1"
 SUPERUSER = "postgres"
@@ -146,18 +146,7 @@ def _port_free(port: int) -> bool:
 
 def _children(pid: int) -> list[int]:
     """PIDs whose parent is `pid`: the postmaster's backends and helpers."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(") ", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":  # after the command name: state, ppid
-            found.append(int(entry))
-    return found
+    return processes(parent=pid)
 
 
 def _signal(pids: list[int], sig: int) -> None:

@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from ..mounts import pid_alive
+
 log = logging.getLogger(__name__)
 
 WAIT_ENV = "DATAFS_INDUCTOR_WAIT_SECONDS"
@@ -59,16 +61,6 @@ def wait_budget_seconds() -> float:
 
 def lease_path(archive: Path) -> Path:
     return archive.parent / f".{archive.name}.lease"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Lease:
@@ -147,7 +139,7 @@ def dead_reason(path: Path, holder: dict | None) -> str | None:
     if holder is None:
         return "it was released"
     if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-        if not _pid_alive(holder["pid"]):
+        if not pid_alive(holder["pid"]):
             return f"its holder, pid {holder['pid']} of this host, has exited"
     try:
         age = time.time() - os.stat(path).st_mtime
