@@ -90,9 +90,10 @@ class PeerTier:
         """The chunk from a peer, verified; None when no peer could give it.
         `pending`: the object store may not have it yet, so ask its holders too."""
         members = self.members()
-        data = await self._ask(chunk, length, self.plan(chunk), members)
+        first = self.plan(chunk)
+        data = await self._ask(chunk, length, first, members)
         if data is None and pending:
-            asked = {node for node, _ in self.plan(chunk)}
+            asked = {node for node, _ in first}
             extra = [step for step in self.plan(chunk, await self.holders(chunk)) if step[0] not in asked]
             data = await self._ask(chunk, length, extra, members)
         return data
