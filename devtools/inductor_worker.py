@@ -25,7 +25,6 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from datafs import inductor
 from datafs.inductor import torch_settings

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import stat
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +20,9 @@ import pytest
 import trio
 
 from datafs.control import ControlError, ControlServer, ControlUnavailable, request, serve_control
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 
 async def call(path: Path, method: str, url: str, body: dict | None = None, timeout: float | None = 5.0) -> dict:

@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
+import threading
+import time
 import urllib.request
 import uuid
+from typing import Callable
 
 import pytest
 
@@ -77,8 +81,6 @@ def fetches(mount: Mount) -> dict[str, float]:
 
 
 def wait_members(mount: Mount, count: int) -> None:
-    import time
-
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         out = run_cli("status", str(mount.path)).stdout
@@ -128,8 +130,6 @@ def test_cold_readers_ask_the_store_about_once_per_chunk(fleet):
 
     def reader(m: Mount) -> None:
         results[m.path.name] = sha(read_fresh(m.path / "model.bin"))
-
-    import threading
 
     threads = [threading.Thread(target=reader, args=(m,)) for m in (b, c)]
     for t in threads:
@@ -196,16 +196,29 @@ def counter(mount: Mount, name: str, **labels: str) -> float:
     return 0.0
 
 
-def paced_read(path, pause_seconds: float) -> bytes:
-    """Read a file 4 MiB at a time, pausing between reads, so faults can land mid-read."""
-    import time
+def paced_read(path, pause_seconds: float) -> Callable[[], bytes]:
+    """Start reading a file 4 MiB at a time in a thread, pausing between
+    reads, so faults can land mid-read; the returned call waits for the read
+    (at most 120 s) and gives its bytes."""
+    got: list[bytes] = []
 
-    parts = []
-    with open(path, "rb", buffering=0) as f:
-        while block := f.read(C):
-            parts.append(block)
-            time.sleep(pause_seconds)
-    return b"".join(parts)
+    def read() -> None:
+        parts = []
+        with open(path, "rb", buffering=0) as f:
+            while block := f.read(C):
+                parts.append(block)
+                time.sleep(pause_seconds)
+        got.append(b"".join(parts))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+
+    def result() -> bytes:
+        reader.join(120)
+        assert not reader.is_alive() and got, "the read did not finish"
+        return got[0]
+
+    return result
 
 
 def test_sync_waits_until_new_chunks_reach_their_owners(fleet):
@@ -251,33 +264,24 @@ def test_a_peer_that_sends_wrong_bytes_is_caught_and_the_read_succeeds(fleet):
 
 
 def test_a_peer_killed_mid_transfer_fails_no_read(fleet):
-    import threading
-    import time
-
     a = fleet("a")
     data = os.urandom(48 * C)
     write(a.path / "big.bin", data)
     run_cli("sync", str(a.path))
     b = fleet("b", env={"DATAFS_PEER_INFLIGHT": "8M"})  # two chunks in memory at once: the bound holds
     wait_members(b, 2)
-    got: dict[str, bytes] = {}
-    reader = threading.Thread(target=lambda: got.setdefault("data", paced_read(b.path / "big.bin", 0.05)))
-    reader.start()
+    result = paced_read(b.path / "big.bin", 0.05)
     deadline = time.monotonic() + 60
     while counter(b, "datafs_chunk_fetches_total", tier="peer", result="ok") < 4 and time.monotonic() < deadline:
         time.sleep(0.01)
     a.kill()
-    reader.join(120)
-    assert not reader.is_alive()
-    assert sha(got["data"]) == sha(data)
+    assert sha(result()) == sha(data)
     # Some chunks came from A before it died; the rest from the store.
     assert counter(b, "datafs_chunk_fetches_total", tier="peer", result="ok") >= 4
     assert counter(b, "datafs_chunk_fetches_total", tier="store", result="ok") >= 1
 
 
 def test_a_stalled_peer_costs_bounded_waits(fleet):
-    import signal
-
     a = fleet("a")
     data = os.urandom(6 * C)
     write(a.path / "model.bin", data)
@@ -294,19 +298,13 @@ def test_a_stalled_peer_costs_bounded_waits(fleet):
 
 
 def test_members_joining_and_leaving_during_a_read(fleet):
-    import threading
-
     a, b = fleet("a"), fleet("b")
     wait_members(b, 2)
     data = os.urandom(40 * C)
     write(a.path / "big.bin", data)
     run_cli("sync", str(a.path))
-    got: dict[str, bytes] = {}
-    reader = threading.Thread(target=lambda: got.setdefault("data", paced_read(b.path / "big.bin", 0.1)))
-    reader.start()
+    result = paced_read(b.path / "big.bin", 0.1)
     c = fleet("c")  # joins: it now owns a third of the chunks, none of them cached
     wait_members(b, 3)
     c.umount()  # and leaves before the read ends
-    reader.join(120)
-    assert not reader.is_alive()
-    assert sha(got["data"]) == sha(data)
+    assert sha(result()) == sha(data)
