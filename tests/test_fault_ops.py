@@ -6,14 +6,19 @@ through the real mount are in test_faults.py."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import mmap
 import os
 import threading
+import time
+from pathlib import Path
 
 import pyfuse3
 import pytest
 import trio
 
+from datafs.chunks import cache as cache_module
 from datafs.chunks import chunk_id
 from datafs.chunks.cache import ChunkCache
 from datafs.config import CHUNK_SIZE_BYTES as C
@@ -249,6 +254,43 @@ def test_a_cache_file_changed_behind_our_back_is_never_returned(tmp_path):
     with open(fresh.path(chunk_id(other)), "r+b") as f:
         f.write(b"Y")
     assert fresh.read(chunk_id(other), 0, 10) is None
+
+
+def _resident(path: Path, offset: int) -> bool:
+    """Whether the page at `offset` of `path` is in memory, asked with
+    mincore(2), which (unlike a read) starts no read-ahead of its own."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
+        page = mmap.PAGESIZE
+        address = ctypes.addressof(ctypes.c_char.from_buffer(mapped)) + offset // page * page
+        vector = (ctypes.c_ubyte * 1)()
+        if libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(page), vector) != 0:
+            raise OSError(ctypes.get_errno(), "mincore")
+        return bool(vector[0] & 1)
+
+
+def test_a_chunk_file_dropped_from_memory_is_read_back_whole(tmp_path, monkeypatch):
+    """After the kernel drops a cached chunk's pages, random 4 KiB reads would
+    each wait for the disk: the first one asks for the whole file again."""
+    monkeypatch.setattr(cache_module, "READ_AHEAD_AGAIN_SECONDS", 0.0)
+    cache = ChunkCache(tmp_path / "cache", 1 << 30, 0)
+    cache.open()
+    data = os.urandom(C)
+    chunk = chunk_id(data)
+    cache.put(chunk, data)
+    assert cache.read(chunk, 0, 10) == data[:10]  # open now
+    path = cache.path(chunk)
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    assert not _resident(path, C - 4096)
+    assert cache.read_resident(chunk, 4096, 4096) is None  # not in memory: found out
+    assert cache.read(chunk, 4096, 4096) == data[4096:8192]
+    deadline = time.monotonic() + 10
+    while not _resident(path, C - 4096):  # the far end of the file comes in too
+        assert time.monotonic() < deadline, "the chunk file was not read ahead whole"
+        time.sleep(0.01)
+    assert cache.read_resident(chunk, C - 4096, 4096) == data[-4096:]
 
 
 async def test_a_damaged_cache_file_is_read_again_from_the_store(stack, caplog):

@@ -34,6 +34,7 @@ import collections
 import logging
 import os
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -48,17 +49,24 @@ log = logging.getLogger(__name__)
 FD_CACHE_SIZE = 1024
 
 
-class _Open:
-    """A cached chunk's descriptor, with its readers counted, and the file's
-    stamp when it was verified."""
+#: How often a chunk file found out of memory is asked back in whole.
+READ_AHEAD_AGAIN_SECONDS = 1.0
 
-    __slots__ = ("fd", "users", "retired", "stamp")
+
+class _Open:
+    """A cached chunk's descriptor, with its readers counted, the file's
+    stamp when it was verified, and when its whole file was last asked into
+    memory (`advised`; 0 after a read found it gone, e.g. after the kernel
+    dropped its page cache)."""
+
+    __slots__ = ("fd", "users", "retired", "stamp", "advised")
 
     def __init__(self, fd: int, stamp: tuple[int, int, int]):
         self.fd = fd
         self.users = 0
         self.retired = False
         self.stamp = stamp
+        self.advised = time.monotonic()
 
 
 def _stamp(st: os.stat_result) -> tuple[int, int, int]:
@@ -221,6 +229,8 @@ class ChunkCache:
                 return None
             try:
                 if _stamp(os.fstat(handle.fd)) == handle.stamp:
+                    if not handle.advised:
+                        self._read_ahead_whole(handle)
                     return os.pread(handle.fd, size, offset)
             finally:
                 self._done(handle)
@@ -244,10 +254,20 @@ class ChunkCache:
                     return None  # changed behind our back: `read` re-verifies it
                 got = os.preadv(handle.fd, [buf], offset, os.RWF_NOWAIT)
             except OSError:  # EAGAIN: not in memory; EOPNOTSUPP: no RWF_NOWAIT here
+                # The file was read ahead whole when it was opened, so its
+                # pages were dropped since: `read` asks for all of it again
+                # instead of one random 4 KiB request after another.
+                if time.monotonic() - handle.advised > READ_AHEAD_AGAIN_SECONDS:
+                    handle.advised = 0
                 return None
             return bytes(buf) if got == size else None
         finally:
             self._done(handle)
+
+    @staticmethod
+    def _read_ahead_whole(handle: _Open) -> None:
+        handle.advised = time.monotonic()
+        os.posix_fadvise(handle.fd, 0, 0, os.POSIX_FADV_WILLNEED)
 
     def is_open(self, chunk_id: str) -> bool:
         with self._lock:
