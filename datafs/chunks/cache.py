@@ -269,14 +269,27 @@ class ChunkCache:
         handle.advised = time.monotonic()
         os.posix_fadvise(handle.fd, 0, 0, os.POSIX_FADV_WILLNEED)
 
-    def is_open(self, chunk_id: str) -> bool:
+    def wants_read_ahead(self, chunk_id: str) -> bool:
+        """Whether `read_ahead` would do anything: the chunk is cached and
+        either not open yet or not asked into memory within the last
+        READ_AHEAD_AGAIN_SECONDS (its pages may have been dropped since)."""
         with self._lock:
-            return chunk_id in self._fds
+            handle = self._fds.get(chunk_id)
+            if handle is None:
+                return chunk_id in self._lru
+            return time.monotonic() - handle.advised > READ_AHEAD_AGAIN_SECONDS
 
-    def open_ahead(self, chunk_id: str) -> None:
-        """Open a cached chunk before it is read, starting its disk read-ahead."""
+    def read_ahead(self, chunk_id: str) -> None:
+        """Ask the kernel to read a cached chunk's whole file into memory
+        before it is read (opening it does), so the disk works ahead of a
+        sequential reader instead of one 1 MiB request at a time."""
         handle = self._acquire(chunk_id)
-        if handle is not None:
+        if handle is None:
+            return
+        try:
+            if time.monotonic() - handle.advised > READ_AHEAD_AGAIN_SECONDS:
+                self._read_ahead_whole(handle)
+        finally:
             self._done(handle)
 
     def _acquire(self, chunk_id: str) -> _Open | None:

@@ -230,7 +230,7 @@ class ChunkSource:
 
     def prefetch(self, refs: list[ChunkRef]) -> None:
         """Start background fetches of chunks not cached yet, within the budget;
-        chunks that are cached but not open yet get their disk reads started."""
+        cached chunks not read ahead lately get their disk reads started."""
         if self.nursery is None:
             return
         on_disk = []
@@ -238,7 +238,7 @@ class ChunkSource:
             if ref.chunk_id in self._inflight:
                 continue
             if ref.chunk_id in self.cache:
-                if ref.chunk_id not in self._opening and not self.cache.is_open(ref.chunk_id):
+                if ref.chunk_id not in self._opening and self.cache.wants_read_ahead(ref.chunk_id):
                     on_disk.append(ref.chunk_id)
                 continue
             if self.prefetch_slots <= 0:
@@ -253,12 +253,11 @@ class ChunkSource:
             self.nursery.start_soon(self._read_ahead_on_disk, on_disk)
 
     async def _read_ahead_on_disk(self, chunk_ids: list[str]) -> None:
-        """Open cached chunks ahead of a sequential reader (the cache asks the
-        kernel to read each whole file on open), so the disk works ahead of
-        the reader instead of one 1 MiB request at a time."""
+        """Have the kernel read cached chunks ahead of a sequential reader,
+        whole, including chunks open since long ago whose pages were dropped."""
         try:
             for chunk in chunk_ids:
-                await trio.to_thread.run_sync(self.cache.open_ahead, chunk, limiter=self.disk_limiter)
+                await trio.to_thread.run_sync(self.cache.read_ahead, chunk, limiter=self.disk_limiter)
         finally:
             self._opening.difference_update(chunk_ids)
 
