@@ -144,6 +144,11 @@ class Settings(BaseSettings):
     entry_timeout_seconds: Seconds = option(1.0, env=("ENTRY_TIMEOUT", "ENTRY_TIMEOUT_SECONDS"),
                                             help="kernel entry cache lifetime")
     read_ahead_kb: int = option(16384, env="READ_AHEAD_KB", help="the mount's kernel readahead")
+    # The kernel's default of 12 background requests (readahead) in flight
+    # leaves a sequential reader of the cache waiting on one 1 MiB request
+    # after another; JuiceFS asks for 50.
+    max_background: int = option(64, env="MAX_BACKGROUND",
+                                 help="FUSE readahead requests the kernel keeps in flight")
     write_buffer_bytes: Size = option(256 << 20, env=("WRITE_BUFFER", "WRITE_BUFFER_BYTES"), default_text="256M",
                                       help="bytes of writes buffered in memory before they are sealed")
     upload_concurrency: int = option(16, env="UPLOAD_CONCURRENCY", help="parallel chunk uploads")
@@ -220,7 +225,7 @@ class Settings(BaseSettings):
                 raise ValueError("expected HOST:PORT, e.g. 10.0.0.5:9400")
         return value
 
-    @field_validator("upload_concurrency", "meta_concurrency", mode="after")
+    @field_validator("upload_concurrency", "meta_concurrency", "max_background", mode="after")
     @classmethod
     def _positive(cls, value: int) -> int:
         if value < 1:

@@ -31,6 +31,7 @@ import os
 import resource
 import signal
 import socket
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -63,6 +64,8 @@ STATUS_INTERVAL_SECONDS = 2.0
 #: its mount is still there (after an unmount it ends those waits).
 UNMOUNT_CHECK_SECONDS = 1.0
 META_SYNC_INTERVAL_SECONDS = 5.0
+#: Where the kernel's FUSE control filesystem (fusectl) lists connections.
+FUSECTL_DIR = Path("/sys/fs/fuse/connections")
 
 
 def lock_path(state_dir: Path) -> Path:
@@ -378,10 +381,11 @@ class Daemon:
             raise UsageError(f"cannot mount {s.mountpoint}: {exc}") from None
         self.mounted = True
 
-    async def _tune_readahead(self) -> None:
-        """Raise the mount's readahead so sequential reads arrive in large
-        requests. The kernel resets it while it handles FUSE_INIT, which comes
-        after the main loop starts, so set it once that is done."""
+    async def _tune_kernel(self) -> None:
+        """Raise the mount's readahead, so sequential reads arrive in large
+        requests, and the number of them the kernel keeps in flight. The
+        kernel resets the readahead while it handles FUSE_INIT, which comes
+        after the main loop starts, so set both once that is done."""
         info = mounts.find_mount(self.settings.mountpoint)
         if info is None:
             return
@@ -392,10 +396,28 @@ class Daemon:
             try:
                 path.write_text(wanted)
                 if path.read_text().strip() == wanted:
-                    return
+                    break
             except OSError as exc:
                 log.info("could not set readahead", extra={"path": str(path), "error": exc.strerror})
-                return
+                break
+        await trio.to_thread.run_sync(self._set_max_background, info.device)
+
+    def _set_max_background(self, device: str) -> None:
+        """Set the connection's background request limit through fusectl
+        (mounting it where the init system has not), and the congestion
+        threshold at three quarters of it, as the kernel's defaults are."""
+        major, minor = (int(part) for part in device.split(":"))
+        connection = FUSECTL_DIR / str(major << 20 | minor)
+        try:
+            if not connection.is_dir() and not os.path.ismount(FUSECTL_DIR):
+                subprocess.run(["mount", "-t", "fusectl", "fusectl", str(FUSECTL_DIR)],
+                               capture_output=True, timeout=10, check=True)
+            limit = self.settings.max_background
+            # Raise the limit before the threshold: the kernel refuses a threshold above it.
+            (connection / "max_background").write_text(str(limit))
+            (connection / "congestion_threshold").write_text(str(max(1, limit * 3 // 4)))
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.info("could not set the FUSE background limit", extra={"path": str(connection), "error": str(exc)})
 
     # ---- the event loop --------------------------------------------------------------
     async def run(self) -> None:
@@ -414,7 +436,7 @@ class Daemon:
                     raise UsageError(f"cannot listen on --peer-listen {self.settings.peer_listen}: {exc.strerror}") from None
             nursery.start_soon(self._on_signals)
             nursery.start_soon(self._sync_periodically)
-            nursery.start_soon(self._tune_readahead)
+            nursery.start_soon(self._tune_kernel)
             nursery.start_soon(self._measure_upload_rate)
             nursery.start_soon(self._end_waits_after_unmount)
             await nursery.start(ControlServer(control_path(self.settings.state_dir), self._control_routes()).run)

@@ -869,6 +869,26 @@ def test_statfs_reports_the_cache_volume(datafs_mount: Mount):
     assert after.f_files - after.f_ffree == fs.f_files - fs.f_ffree + 10
 
 
+def test_kernel_readahead_and_background_limit_are_raised(mount_factory):
+    """Sequential reads of the cache need large requests and many of them in
+    flight; both are kernel settings of the mount, set after FUSE_INIT."""
+    m = mount_factory(env={"DATAFS_MAX_BACKGROUND": "48", "DATAFS_READ_AHEAD_KB": "8192"})
+    major, minor = os.major(os.stat(m.path).st_dev), os.minor(os.stat(m.path).st_dev)
+    connection = Path("/sys/fs/fuse/connections") / str(major << 20 | minor)
+    readahead = Path(f"/sys/class/bdi/{major}:{minor}/read_ahead_kb")
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            settings = (readahead.read_text().strip(), (connection / "max_background").read_text().strip(),
+                        (connection / "congestion_threshold").read_text().strip())
+        except FileNotFoundError:
+            settings = None
+        if settings == ("8192", "48", "36") or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert settings == ("8192", "48", "36")
+
+
 # ---- concurrency ----------------------------------------------------------------------
 def _run(foreground: list, background: list = (), stop=None, timeout: float = 60.0) -> None:
     """Run `foreground` processes to completion while `background` ones run
