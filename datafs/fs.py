@@ -246,9 +246,11 @@ class Operations(pyfuse3.Operations):
     def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
         content = self.contents.get(inode.ino)
-        size, mtime = inode.size, inode.mtime_ns
+        size, mtime, ctime = inode.size, inode.mtime_ns, inode.ctime_ns
         if content is not None and content.dirty:
+            # The commit sets ctime; until then it moves with the data, as on a local disk.
             size, mtime = content.size, content.mtime_ns or mtime
+            ctime = max(ctime, content.mtime_ns or 0)
         attrs.st_ino = inode.ino
         attrs.generation = 0
         attrs.entry_timeout = self.entry_timeout
@@ -263,7 +265,7 @@ class Operations(pyfuse3.Operations):
         attrs.st_blocks = (size + 511) // 512
         attrs.st_atime_ns = inode.atime_ns
         attrs.st_mtime_ns = mtime
-        attrs.st_ctime_ns = inode.ctime_ns
+        attrs.st_ctime_ns = ctime
         return attrs
 
     def _entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
