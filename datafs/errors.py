@@ -41,6 +41,7 @@ CrossDevice = _kind("CrossDevice", _errno.EXDEV)
 RangeError = _kind("RangeError", _errno.ERANGE)
 FileTooBig = _kind("FileTooBig", _errno.EFBIG)
 BadHandle = _kind("BadHandle", _errno.EBADF)
+NotSupported = _kind("NotSupported", _errno.EOPNOTSUPP)
 
 
 class MetaUnavailable(FsError):

@@ -53,6 +53,7 @@ from .meta.store import Inode, MetaStore
 log = logging.getLogger(__name__)
 
 BLOCK_SIZE_BYTES = 1 << 20  # st_blksize: the I/O size tools like cp pick
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10  # <linux/falloc.h>
 
 
 def _fuse_op(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -553,6 +554,38 @@ class Operations(pyfuse3.Operations):
         content = self._handle(fh).content
         try:
             return await content.write(off, buf)
+        except errors.FsError:
+            self._forget_dropped_writes(content)
+            raise
+
+    @_fuse_op
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2), carried here by `fuse_fallocate` (pyfuse3 has no
+        handler for it). Nothing is reserved: a range of zeros costs nothing
+        until written (chunks are made on demand, holes are stored as no
+        chunk), so the allocating modes only refuse, as a local disk would, a
+        range past the end larger than the cache disk's free space (what
+        statfs shows)."""
+        if offset < 0 or length <= 0:
+            raise errors.Invalid(f"fallocate of {length} bytes at offset {offset}")
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            raise errors.NotSupported(f"fallocate mode {mode:#x}")
+        keep_size = bool(mode & FALLOC_FL_KEEP_SIZE)
+        punch, zero = bool(mode & FALLOC_FL_PUNCH_HOLE), bool(mode & FALLOC_FL_ZERO_RANGE)
+        if punch and (zero or not keep_size):  # the kernel's own rules (vfs_fallocate)
+            raise errors.NotSupported(f"fallocate mode {mode:#x}")
+        content = self._handle(fh).content
+        end = offset + length
+        if not punch:
+            past_end = end - max(offset, content.size)
+            disk = os.statvfs(self.statfs_path)
+            if past_end > disk.f_bavail * disk.f_frsize:
+                raise errors.NoSpace(f"fallocate of {past_end} bytes past the end")
+        try:
+            if punch or zero:
+                await content.zero_range(offset, length, keep_size)
+            else:
+                await content.allocate(end, keep_size)
         except errors.FsError:
             self._forget_dropped_writes(content)
             raise

@@ -19,7 +19,7 @@ from datafs.chunks.cache import ChunkCache
 from datafs.chunks.content import ContentService
 from datafs.config import CHUNK_SIZE_BYTES as C
 from datafs.errors import ChunkMissing, StoreError
-from datafs.fs import Operations
+from datafs.fs import FALLOC_FL_KEEP_SIZE as KEEP, FALLOC_FL_PUNCH_HOLE as PUNCH, FALLOC_FL_ZERO_RANGE as ZERO, Operations
 from datafs.meta.calls import MetaCalls
 from datafs.meta.kv import open_kv
 from datafs.meta.store import ROOT_INODE, MetaStore
@@ -156,6 +156,48 @@ async def test_zero_chunks_are_stored_as_holes(stack):
     ino = await stack.write_file(b"zeros", bytes(2 * C))
     assert stack.meta.chunks(ino, 0, 10) == {}
     assert await stack.read_file(ino) == bytes(2 * C)
+
+
+async def test_fallocate_zeros_are_holes_and_upload_nothing(stack):
+    data = bytearray(os.urandom(3 * C + 100))
+    ino = await stack.write_file(b"f", bytes(data))
+    await stack.uploader.wait_idle()
+    puts = stack.store.puts
+    fi = await stack.ops.open(ino, os.O_RDWR, Ctx())
+    await stack.ops.fallocate(fi.fh, PUNCH | KEEP, C, C)  # one chunk, whole
+    await stack.ops.fallocate(fi.fh, ZERO, 0, C // 2)  # another in two halves: its buffer ends all zeros
+    await stack.ops.fallocate(fi.fh, ZERO | KEEP, C // 2, C // 2)
+    await stack.ops.fallocate(fi.fh, PUNCH | KEEP, 3 * C, 100)  # the short last chunk
+    await stack.ops.fallocate(fi.fh, 0, 3 * C, 2 * C)  # the file grows by zeros
+    await stack.ops.fallocate(fi.fh, KEEP, 0, 9 * C)
+    assert (await stack.ops.getattr(ino, Ctx())).st_size == 5 * C
+    await stack.ops.release(fi.fh)
+    await stack.uploader.wait_idle()
+    assert list(stack.meta.chunks(ino)) == [2]
+    assert stack.store.puts == puts
+    assert await stack.read_file(ino) == bytes(2 * C) + bytes(data[2 * C:3 * C]) + bytes(2 * C)
+
+
+async def test_fallocate_errno_contract(stack):
+    ino = await stack.write_file(b"f", b"x" * 100)
+    fi = await stack.ops.open(ino, os.O_RDWR, Ctx())
+    refused = [
+        (PUNCH, 0, 10, errno.EOPNOTSUPP),  # a hole keeps the size
+        (PUNCH | ZERO | KEEP, 0, 10, errno.EOPNOTSUPP),
+        (0x08, 0, C, errno.EOPNOTSUPP),  # COLLAPSE_RANGE
+        (0, 0, 0, errno.EINVAL),
+        (KEEP, -1, 10, errno.EINVAL),
+        (KEEP, 0, 1 << 60, errno.ENOSPC),  # more than the cache disk holds
+    ]
+    for mode, offset, length, code in refused:
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await stack.ops.fallocate(fi.fh, mode, offset, length)
+        assert exc.value.errno == code, (mode, offset, length)
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        await stack.ops.fallocate(999, 0, 0, 10)
+    assert exc.value.errno == errno.EBADF
+    await stack.ops.release(fi.fh)
+    assert await stack.read_file(ino) == b"x" * 100
 
 
 async def test_identical_files_share_chunks(stack):

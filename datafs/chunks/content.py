@@ -5,7 +5,8 @@ state on the committed chunk list, per chunk index:
   _Buffer     bytes written since the last commit, over a base (the chunk it replaces)
   _Sealing    a full buffer being hashed and stored in the background
   ChunkRef    a sealed chunk (in the cache, pinned) not yet committed
-  None        a hole: reads as zeros, stored as no chunk
+  None        a hole: reads as zeros, stored as no chunk (also what fallocate's
+              PUNCH_HOLE and ZERO_RANGE make of every chunk they cover whole)
 Indexes absent from the overlay read the committed chunk list, except that
 content at or beyond `cut` (the lowest truncation point since the last commit)
 reads as zeros. The committed chunk list is read from the metadata store once
@@ -481,6 +482,76 @@ class FileContent:
         self.size = new_size
         self.mtime_ns = time.time_ns()
         self.dirty = True
+
+    # ---- fallocate ---------------------------------------------------------------
+    async def allocate(self, end: int, keep_size: bool) -> None:
+        """fallocate's mode 0 and KEEP_SIZE: space is not reserved (a range of
+        zeros is stored as no chunk until written), so only the size may
+        change: without `keep_size` the file grows to `end` (never shrinks: a
+        write may have gone further meanwhile). The times change either way,
+        as on ext4."""
+        async with self.lock:
+            if self.failure is not None:
+                await self._raise_failure()
+            if not keep_size and end > self.size:
+                self.size = end
+            self._touch()
+
+    async def zero_range(self, offset: int, length: int, keep_size: bool) -> None:
+        """Make [offset, offset + length) read as zeros (fallocate's PUNCH_HOLE
+        and ZERO_RANGE); without `keep_size` the file grows to cover it. A
+        chunk inside the range becomes a hole, so zeros are never uploaded; a
+        chunk the range only touches is zeroed in its buffer, which is sealed
+        as a hole too if nothing else is left in it."""
+        async with self.lock:
+            if self.failure is not None:
+                await self._raise_failure()
+            try:
+                await self._zero(offset, min(offset + length, self.size))
+            except Exception as exc:
+                await self._fail(exc)
+            if not keep_size and offset + length > self.size:
+                self.size = offset + length
+            self._touch()
+
+    def _touch(self) -> None:
+        self.mtime_ns = time.time_ns()
+        self.dirty = True
+
+    async def _zero(self, start: int, end: int) -> None:
+        """(The lock is held; [start, end) lies within the size.)"""
+        pos = start
+        while pos < end:
+            index, first = divmod(pos, C)
+            stop = min(C, end - index * C)
+            if first == 0 and stop >= min(C, self.size - index * C):
+                await self._make_hole(index)
+            else:
+                await self._zero_piece(index, first, stop)
+            pos = index * C + stop
+
+    async def _make_hole(self, index: int) -> None:
+        entry = await self._settle(index)
+        if isinstance(entry, _Buffer):
+            self._drop_buffer()
+        elif isinstance(entry, ChunkRef):
+            self._superseded.append(entry)
+        self.entries[index] = None
+
+    async def _zero_piece(self, index: int, start: int, stop: int) -> None:
+        entry = await self._settle(index)
+        if entry is _MISSING:
+            await self._load_map()
+            ref, limit = self._committed(index)
+            if ref is None or start >= limit:
+                return  # a hole, or past the committed chunk's end: zeros already
+        elif entry is None or (isinstance(entry, ChunkRef) and start >= entry.length):
+            return
+        buffer = await self._buffer_for(index)
+        buffer.write(start, memoryview(bytes(stop - start)))
+        if buffer.covers(0, C):
+            self._seal_in_background(index, buffer)
+            await self._keep_up_with_seals()
 
     # ---- commit ------------------------------------------------------------------
     async def commit(self) -> bool:
