@@ -47,6 +47,7 @@ from .chunks.content import ContentService
 from .config import CHUNK_SIZE_BYTES, Settings
 from .errors import MetaUnavailable, UsageError
 from .fs import Operations
+from .fuse_fallocate import FallocateBridge
 from .meta.calls import MetaCalls
 from .meta.kv import KV
 from .meta.lmdb_kv import LmdbKV
@@ -282,6 +283,7 @@ class Daemon:
         )
         self.ops.on_inode_deleted = self.collector.wake
         self.collector.on_inode_deleted = self.collector.wake
+        self.fallocate = FallocateBridge(self.ops.fallocate)
         self.peer_tier = self.peer_server = None
         if s.peer_listen:
             self._prepare_peers()
@@ -375,6 +377,7 @@ class Daemon:
         options |= {f"fsname=datafs:{s.state_dir}", "subtype=datafs", "noatime"}
         if os.geteuid() == 0:
             options.add("allow_other")
+        self.fallocate.install()  # fills a slot pyfuse3 leaves empty, during init()
         try:
             pyfuse3.init(self.ops, str(s.mountpoint), options)
         except RuntimeError as exc:
@@ -440,6 +443,7 @@ class Daemon:
             nursery.start_soon(self._measure_upload_rate)
             nursery.start_soon(self._end_waits_after_unmount)
             await nursery.start(ControlServer(control_path(self.settings.state_dir), self._control_routes()).run)
+            await nursery.start(self.fallocate.run)
             log.info("mounted", extra={
                 "mountpoint": str(self.settings.mountpoint), "store": self.store.describe(),
                 "meta": self.kv.describe(), "volume": self.volume.get("name"), "node": self.meta.node_id,
@@ -448,6 +452,7 @@ class Daemon:
             sdnotify.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=mounted at {self.settings.mountpoint}")
             await pyfuse3.main()
             sdnotify.notify("STOPPING=1\nSTATUS=committing open files and finishing uploads")
+            await self.fallocate.stop()  # its requests end like pyfuse3's own: before the last commits
             lost = await self._commit_all()
             with trio.move_on_after(self.settings.shutdown_upload_grace_seconds):
                 await self.uploader.wait_idle()
