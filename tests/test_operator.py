@@ -4,14 +4,16 @@
 does; the Grafana dashboard names only series a live daemon exports; the
 deploy manifests (Kubernetes, Prometheus, compose, systemd) parse and carry
 the fields that make a node work; `datafs env` prints lines a shell accepts;
-and two POSIX corners (chown and set-gid, preallocation) behave as the local
-disk does. Loopback ports 18940-18949 belong to this module (metrics).
+and two POSIX corners (chown and set-gid, fallocate in every mode the kernel
+passes to FUSE) behave as the local disk does. Loopback ports 18940-18949
+belong to this module (metrics).
 """
 
 from __future__ import annotations
 
 import configparser
 import ctypes
+import errno
 import json
 import os
 import re
@@ -34,9 +36,10 @@ from datafs.chunks import chunk_id
 from datafs.control import request
 from datafs.daemon import control_path
 from datafs.errors import ChunkMissing, StoreError
+from datafs.fs import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
 from datafs.tiers.file_store import FileStore
 
-from .conftest import REPO, Mount, run_cli
+from .conftest import REPO, Mount, run_cli, sha
 
 MiB = 1 << 20
 METRICS_PORT = 18941
@@ -371,9 +374,6 @@ def test_chown_keeps_setgid_without_group_execute_like_local_disk(mount_factory:
     assert {k: oct(v) for k, v in _chown_modes(m.path).items()} == {k: oct(v) for k, v in expected.items()}
 
 
-FALLOC_FL_KEEP_SIZE = 0x01
-
-
 def _preallocate(root: Path) -> dict[str, tuple[int, bytes]]:
     """posix_fallocate on an empty file, inside existing data, and past the end."""
     out = {}
@@ -391,22 +391,90 @@ def _preallocate(root: Path) -> dict[str, tuple[int, bytes]]:
     return out
 
 
-def test_posix_fallocate_matches_local_disk_and_fallocate_modes_are_refused_cleanly(mount_factory: Callable[..., Mount], tmp_path: Path):
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+FALLOC_FL_COLLAPSE_RANGE = 0x08
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> int:
+    """fallocate(2): 0, or the errno it failed with."""
+    return 0 if _libc.fallocate(fd, mode, offset, length) == 0 else ctypes.get_errno()
+
+
+KEEP, PUNCH, ZERO = FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+#: (mode, offset, length), in order, on a file of 9 MiB + 123 random bytes:
+#: every mode inside the data, across a 4 MiB chunk boundary and past the end.
+FALLOCATE_STEPS = [
+    (0, 100, 1000),                      # inside the data: nothing to do
+    (KEEP, 8 * MiB, 8 * MiB),            # past the end, the size kept
+    (0, 9 * MiB, 2 * MiB),               # past the end: the file grows, zeros
+    (PUNCH | KEEP, 3 * MiB, 2 * MiB),    # across a chunk boundary: a part of two chunks
+    (ZERO, 10, 20),                      # a few bytes
+    (ZERO, 7 * MiB, 2 * MiB),            # across a boundary, over data and zeros
+    (PUNCH | KEEP, 8 * MiB, 8 * MiB),    # the last chunk whole, and past the end
+    (ZERO | KEEP, 10 * MiB, 4 * MiB),    # past the end, the size kept
+    (ZERO, 11 * MiB - 5, 2 * MiB),       # past the end: the file grows into a new chunk
+    (PUNCH | KEEP, 4 * MiB, 4 * MiB),    # exactly one chunk, written to since the last commit
+    (PUNCH, 0, 10),                      # EOPNOTSUPP: a hole keeps the size
+    (PUNCH | ZERO | KEEP, 0, 10),        # EOPNOTSUPP: one or the other
+    (0, 0, 0),                           # EINVAL
+    (KEEP, -1, 10),                      # EINVAL
+]
+
+
+def _fallocate_steps(path: Path, data: bytes) -> tuple[list[tuple[int, int, str]], list[bool]]:
+    """Run FALLOCATE_STEPS on a new file at `path`: per step the errno, the
+    size and a digest of the content as read through the same descriptor;
+    and per successful step whether both mtime and ctime moved."""
+    path.write_bytes(data)
+    results, times_moved = [], []
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for mode, offset, length in FALLOCATE_STEPS:
+            before = os.fstat(fd)
+            code = _fallocate(fd, mode, offset, length)
+            after = os.fstat(fd)
+            if code == 0:
+                times_moved.append(after.st_mtime_ns > before.st_mtime_ns and after.st_ctime_ns > before.st_ctime_ns)
+            results.append((code, after.st_size, sha(os.pread(fd, after.st_size + 1, 0))))
+    finally:
+        os.close(fd)
+    return results, times_moved
+
+
+def test_fallocate_matches_local_disk(mount_factory: Callable[..., Mount], tmp_path: Path):
     m = mount_factory("falloc")
     local = tmp_path / "local"
     local.mkdir()
     assert _preallocate(m.path) == _preallocate(local)
     assert _read_uncached(m.path / "past-end") == (local / "past-end").read_bytes()
 
-    # fallocate(2) itself (KEEP_SIZE here) is refused with EOPNOTSUPP, which
-    # tools take as "not supported" and fall back: pyfuse3 does not pass
-    # FUSE_FALLOCATE to the filesystem (see the README).
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-    fd = os.open(m.path / "inside", os.O_RDWR)
+    data = os.urandom(9 * MiB + 123)
+    expected, _ = _fallocate_steps(local / "file", data)
+    assert [code for code, _, _ in expected] == [0] * 10 + [errno.EOPNOTSUPP] * 2 + [errno.EINVAL] * 2  # the sequence tests what it says
+    mounted = m.path / "file"
+    got, times_moved = _fallocate_steps(mounted, data)
+    assert got == expected
+    assert times_moved == [True] * 10  # every successful call moves both, as on ext4
+    final = (local / "file").read_bytes()
+    assert len(final) == 13 * MiB - 5
+    assert _read_uncached(mounted) == final  # committed at close, read through FUSE
+    m.remount()
+    assert _read_uncached(mounted) == final
+
+    # Modes the kernel does not pass to FUSE, and room the cache disk does not have.
+    fd = os.open(mounted, os.O_RDWR)
     try:
-        assert libc.fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, 1 << 20) == -1
-        assert ctypes.get_errno() == 95  # EOPNOTSUPP
-        assert os.fstat(fd).st_size == 5000
+        assert _fallocate(fd, FALLOC_FL_COLLAPSE_RANGE, 0, MiB) == errno.EOPNOTSUPP
+        assert _fallocate(fd, 0, 0, 1 << 50) == errno.ENOSPC
+        assert _fallocate(fd, KEEP, 0, 1 << 50) == errno.ENOSPC
+        assert os.fstat(fd).st_size == len(final)
     finally:
         os.close(fd)
+    for root in (local, m.path):  # a directory is never open for writing
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            assert _fallocate(fd, 0, 0, 10) == errno.EBADF
+        finally:
+            os.close(fd)
+    assert _read_uncached(mounted) == final
