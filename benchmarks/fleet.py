@@ -152,13 +152,7 @@ class Node:
     def peak_rss_bytes(self) -> int | None:
         from datafs.daemon import read_daemon_pid
 
-        pid = read_daemon_pid(self.state_dir)
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except (OSError, TypeError):
-            return None
-        match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
-        return int(match.group(1)) * 1024 if match else None
+        return system.peak_rss_bytes(read_daemon_pid(self.state_dir))
 
     def stop(self) -> None:
         """Unmount; if that fails, kill the daemon by its PID and detach the mount."""

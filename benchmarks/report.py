@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .results import BY_ID, DATAFS, DISK, IOPS, JUICEFS, MIB_S, S3_CEILING, SECONDS, WORKLOADS, Row
+from .results import BY_ID, DATAFS, DISK, IOPS, JUICEFS, MIB, MIB_S, S3_CEILING, SECONDS, WORKLOADS, Row
 from .sizes import Sizes
 
 TARGET_ORDER = (DISK, DATAFS, JUICEFS, S3_CEILING)
@@ -44,6 +44,8 @@ def format_figure(row: Row) -> str:
         if "write_seconds" in row.extra:
             text += f" after close (the write took {format_seconds(row.extra['write_seconds'])})"
         return text
+    if row.unit == MIB:
+        return f"{row.figure:,.0f} MiB"
     return f"{row.figure:g} {row.unit}"
 
 
@@ -97,7 +99,8 @@ def markdown(rows: list[Row], meta: dict) -> str:
         "0.50x half as fast. *vs disk* compares with the same job on the disk (cold reads: with the disk's read "
         "after dropping the page cache); *vs S3 ceiling* with boto3's PUT (uploads) or GET (cold reads) throughput; "
         "*vs JuiceFS* is datafs next to JuiceFS. For the upload lag, *vs S3 ceiling* is the time boto3 needs to PUT "
-        "that much data divided by the lag: above 1.00x means the upload had started before close().",
+        "that much data divided by the lag: above 1.00x means the upload had started before close(). For the peak "
+        "RSS, *vs JuiceFS* is JuiceFS's peak divided by datafs's: above 1.00x, datafs used less memory.",
         "",
         "| # | Workload | Target | Result | vs disk | vs S3 ceiling | vs JuiceFS | Note |",
         "|---|---|---|---|---:|---:|---:|---|",

@@ -22,7 +22,7 @@ DISK, DATAFS, JUICEFS, S3_CEILING = "disk", "datafs", "juicefs", "s3-ceiling"
 #: Filesystem targets in the order they run (JuiceFS only with --peers juicefs).
 FS_TARGETS = (DISK, DATAFS, JUICEFS)
 REMOTE = (DATAFS, JUICEFS)
-MIB_S, IOPS, SECONDS = "MiB/s", "IOPS", "s"
+MIB_S, IOPS, SECONDS, MIB = "MiB/s", "IOPS", "s", "MiB"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +37,7 @@ class Workload:
 
     @property
     def higher_is_better(self) -> bool:
-        return self.unit != SECONDS
+        return self.unit not in (SECONDS, MIB)
 
     def title_for(self, sizes: Sizes) -> str:
         return self.title.format(
@@ -83,6 +83,7 @@ WORKLOADS: tuple[Workload, ...] = (
              FS_TARGETS, disk_ref="warmup-cold", s3_ref="s3-get"),
     Workload("list-dir", "8", "List a directory of {listing} entries, os.scandir (page cache dropped)", SECONDS,
              FS_TARGETS, disk_ref="list-dir"),
+    Workload("peak-rss", "9", "Peak RSS of the filesystem's daemon over the whole run (VmHWM)", MIB, REMOTE),
 )
 BY_ID = {w.id: w for w in WORKLOADS}
 

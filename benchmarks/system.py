@@ -108,6 +108,20 @@ def kill_session(session_id: int, timeout_seconds: float = 10) -> None:
         wait_gone(pid, timeout_seconds)
 
 
+def peak_rss_bytes(pid: int | None) -> int | None:
+    """A process's peak resident set (VmHWM), or None if it is gone."""
+    if pid is None:
+        return None
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
 def free_bytes(path: Path) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize

@@ -132,6 +132,21 @@ class Target(abc.ABC):
     def __init__(self, workdir: Path):
         self.dir = workdir / self.name
         self.root = self.dir  # overridden by mounted targets
+        self._peak_rss_bytes = 0  # of the daemons that ended so far
+
+    def _daemon_pids(self) -> list[int]:
+        """The processes serving the mount now (none for the disk)."""
+        return []
+
+    def note_peak_rss(self) -> None:
+        """Remember the serving processes' peak RSS before they end (a restart starts afresh)."""
+        for pid in self._daemon_pids():
+            self._peak_rss_bytes = max(self._peak_rss_bytes, system.peak_rss_bytes(pid) or 0)
+
+    def peak_rss_bytes(self) -> int | None:
+        """The largest peak RSS of any daemon of this target in the run so far."""
+        self.note_peak_rss()
+        return self._peak_rss_bytes or None
 
     @abc.abstractmethod
     def start(self) -> None: ...
@@ -215,12 +230,17 @@ class DatafsTarget(Target):
         self._mounted = True
 
     def _umount(self) -> None:
+        self.note_peak_rss()
         self._cli("umount", str(self.mountpoint))
         self._mounted = False
 
     @property
     def daemon_pid(self) -> int | None:
         return read_daemon_pid(self.state_dir)
+
+    def _daemon_pids(self) -> list[int]:
+        pid = self.daemon_pid
+        return [pid] if pid is not None else []
 
     def start(self) -> None:
         prepare_bucket(self.server, self.client, self.bucket)
@@ -377,6 +397,9 @@ class JuicefsTarget(Target):
             while system.session_members(self._proc.pid) and time.monotonic() < deadline:
                 time.sleep(POLL_SECONDS)
         self._end_session()
+
+    def _daemon_pids(self) -> list[int]:
+        return system.session_members(self._proc.pid) if self._proc is not None else []
 
     def _end_session(self) -> None:
         """Whatever is left in the mount's session goes, by PID; then the watchdog is reaped."""

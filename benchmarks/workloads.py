@@ -31,7 +31,7 @@ from typing import Callable
 
 from .errors import BenchError
 from .fio import FioResult, run_fio
-from .results import IOPS, MIB_S, SECONDS, Row
+from .results import IOPS, MIB, MIB_S, SECONDS, Row
 from .sizes import BLOCK_BYTES, MiB, Sizes, human_bytes
 from .system import drop_page_cache
 from .targets import REPO, Target, child_env, wait_for
@@ -112,7 +112,15 @@ class Workloads:
             Step(name, f"list a directory of {s.listing_entries} entries", self.list_dir),
             Step(name, f"datafs warmup of a {human_bytes(s.tree_bytes)} model tree, cold", self.warmup_cold),
         ]
+        if self.t.remote:
+            steps.append(Step(name, "daemon peak RSS over the run", self.peak_rss))
         return steps
+
+    def peak_rss(self) -> list[Row]:
+        peak = self.t.peak_rss_bytes()
+        if peak is None:
+            raise BenchError(f"{self.t.name}: no daemon to read the peak RSS of")
+        return [self._row("peak-rss", peak / MiB, MIB, {"peak_bytes": peak})]
 
     # ---- 1-3: fio ---------------------------------------------------------------------
     def _fio_read(self) -> FioResult:
