@@ -440,3 +440,30 @@ async def test_chunk_evicted_after_an_early_upload_still_completes_its_commit(st
     assert not stack.uploader.failing
     stack.evict_all()
     assert await stack.read_file(attrs.st_ino) == data
+
+
+async def test_a_read_racing_a_finishing_fetch_does_not_fetch_the_chunk_again(stack):
+    """A reader misses the cache, and before it goes on to fetch, another
+    fetch of the same chunk (a prefetch) finishes and caches it: the reader
+    must take the cached copy, not GET the chunk a second time."""
+    data = os.urandom(C)
+    ino = await stack.write_file(b"f", data)
+    await stack.uploader.wait_idle()
+    stack.evict_all()
+    (ref,) = stack.meta.chunks(ino, 0, 1 << 62).values()
+    gets = []
+    real_get, real_read = stack.store.get, stack.cache.read
+
+    def counting_get(chunk):
+        gets.append(chunk)
+        return real_get(chunk)
+
+    def racing_read(chunk, offset, size):
+        out = real_read(chunk, offset, size)
+        if not gets:  # the first miss: another reader's fetch completes meanwhile
+            trio.from_thread.run(stack.source.fetch, ref)
+        return out
+
+    stack.store.get, stack.cache.read = counting_get, racing_read
+    assert await stack.source.read(ref, 0, 1 << 20) == data[:1 << 20]
+    assert gets == [ref.chunk_id]

@@ -177,6 +177,10 @@ class ChunkSource:
             data = self.cache.read_resident(ref.chunk_id, offset, end - offset)
         if data is None:
             data = await trio.to_thread.run_sync(self.cache.read, ref.chunk_id, offset, end - offset, limiter=self.disk_limiter)
+        if data is None and ref.chunk_id in self.cache and ref.chunk_id not in self._inflight:
+            # A fetch (often a prefetch) finished while this read was in its
+            # thread: read what it cached rather than fetch the chunk again.
+            data = await trio.to_thread.run_sync(self.cache.read, ref.chunk_id, offset, end - offset, limiter=self.disk_limiter)
         if data is not None:
             _READ_FROM_CACHE.inc(len(data))
             metrics.CACHE_HITS.inc()
@@ -263,6 +267,8 @@ class ChunkSource:
 
     async def _prefetch_one(self, ref: ChunkRef) -> None:
         try:
+            if ref.chunk_id in self.cache:  # a reader fetched it since it was asked for
+                return
             await self.fetch(ref)
             metrics.PREFETCHED_CHUNKS.inc()
         except Exception as exc:  # the reader's own fetch will report it
