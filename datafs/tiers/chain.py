@@ -322,12 +322,11 @@ class ChunkSource:
         with self._wait(deadline) as scope:
             # Abandoned at the deadline: a store that hangs must not hold the
             # reader (the thread ends with boto's own timeout).
-            data = await trio.to_thread.run_sync(
-                self.store.get, ref.chunk_id, limiter=self.store_limiter, **{_ABANDON_KW: True},
+            data, actual = await trio.to_thread.run_sync(
+                self._get_and_hash, ref.chunk_id, limiter=self.store_limiter, **{_ABANDON_KW: True},
             )
         if scope.cancelled_caught:
             raise self._gave_up(ref, f"the object store did not answer within {self.wait_timeout_seconds:g} s")
-        actual = await trio.to_thread.run_sync(hash_chunk, data, limiter=self.disk_limiter)
         if actual != ref.chunk_id:
             metrics.CHUNK_FETCHES.labels(self.store.tier, "corrupt").inc()
             log.error(
@@ -338,6 +337,13 @@ class ChunkSource:
         metrics.CHUNK_FETCHES.labels(self.store.tier, "ok").inc()
         metrics.CHUNK_FETCH_SECONDS.labels(self.store.tier).observe(time.monotonic() - started)
         return data
+
+    def _get_and_hash(self, chunk_id: str) -> tuple[bytes, str]:
+        """GET a chunk and hash it on the same worker thread: a second trip
+        through the event loop cost more than the hashing (BLAKE3, GIL
+        released) when the loop was busy serving the reader."""
+        data = self.store.get(chunk_id)
+        return data, hash_chunk(data)
 
     # ---- writes ------------------------------------------------------------------
     async def seal(self, data: bytes | bytearray | memoryview, upload_now: bool = False) -> ChunkRef:
