@@ -216,6 +216,11 @@ class ChunkSource:
         pending = self._inflight[ref.chunk_id] = _Fetch()
         try:
             data, tier = await self._fetch_verified(ref, deadline)
+            # Readers waiting for it go on with the bytes in memory now (often
+            # a sequential reader behind a prefetch); it stays in flight until
+            # it is in the cache, so nobody fetches it again meanwhile.
+            pending.data, pending.tier = data, tier
+            pending.done.set()
             # No room (the cache is full of chunks not uploaded yet), or the
             # cache's disk fails: the reader gets the bytes all the same, they
             # are just not kept.
@@ -223,7 +228,6 @@ class ChunkSource:
                 await trio.to_thread.run_sync(self.cache.put, ref.chunk_id, data, False, limiter=self.disk_limiter)
             except OSError as exc:
                 log.warning("could not keep a fetched chunk in the cache", extra={"chunk": ref.chunk_id, "error": str(exc)})
-            pending.data, pending.tier = data, tier
             return data, tier
         except Exception as exc:
             pending.error = exc
