@@ -27,6 +27,7 @@ from pydantic import (AliasChoices, BeforeValidator, ByteSize, Field, SecretStr,
                       field_validator, model_validator)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from . import fuse_kernel
 from .errors import UsageError
 
 CHUNK_SIZE_BYTES = 4 * 1024 * 1024
@@ -139,15 +140,12 @@ class Settings(BaseSettings):
     # Kernel caching: short positive timeouts save a round trip per stat while
     # changes from other nodes still show quickly; negative entries are not
     # cached (a file created on another node must appear at once).
-    attr_timeout_seconds: Seconds = option(1.0, env=("ATTR_TIMEOUT", "ATTR_TIMEOUT_SECONDS"),
+    attr_timeout_seconds: Seconds = option(fuse_kernel.ATTR_TIMEOUT_SECONDS, env=("ATTR_TIMEOUT", "ATTR_TIMEOUT_SECONDS"),
                                            help="kernel attribute cache lifetime")
-    entry_timeout_seconds: Seconds = option(1.0, env=("ENTRY_TIMEOUT", "ENTRY_TIMEOUT_SECONDS"),
+    entry_timeout_seconds: Seconds = option(fuse_kernel.ENTRY_TIMEOUT_SECONDS, env=("ENTRY_TIMEOUT", "ENTRY_TIMEOUT_SECONDS"),
                                             help="kernel entry cache lifetime")
-    read_ahead_kb: int = option(16384, env="READ_AHEAD_KB", help="the mount's kernel readahead")
-    # The kernel's default of 12 background requests (readahead) in flight
-    # leaves a sequential reader of the cache waiting on one 1 MiB request
-    # after another; JuiceFS asks for 50.
-    max_background: int = option(64, env="MAX_BACKGROUND",
+    read_ahead_kb: int = option(fuse_kernel.READ_AHEAD_KB, env="READ_AHEAD_KB", help="the mount's kernel readahead")
+    max_background: int = option(fuse_kernel.MAX_BACKGROUND, env="MAX_BACKGROUND",
                                  help="FUSE readahead requests the kernel keeps in flight")
     write_buffer_bytes: Size = option(256 << 20, env=("WRITE_BUFFER", "WRITE_BUFFER_BYTES"), default_text="256M",
                                       help="bytes of writes buffered in memory before they are sealed")

@@ -31,7 +31,6 @@ import os
 import resource
 import signal
 import socket
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -39,7 +38,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import errors, metrics, mounts, sdnotify
+from . import errors, fuse_kernel, metrics, mounts, sdnotify
 from .control import ControlError, ControlServer
 from .chunks.cache import FD_CACHE_SIZE, ChunkCache
 from .chunks.ledger import ChunkLedger
@@ -65,8 +64,6 @@ STATUS_INTERVAL_SECONDS = 2.0
 #: its mount is still there (after an unmount it ends those waits).
 UNMOUNT_CHECK_SECONDS = 1.0
 META_SYNC_INTERVAL_SECONDS = 5.0
-#: Where the kernel's FUSE control filesystem (fusectl) lists connections.
-FUSECTL_DIR = Path("/sys/fs/fuse/connections")
 
 
 def lock_path(state_dir: Path) -> Path:
@@ -373,10 +370,7 @@ class Daemon:
 
     def mount(self) -> None:
         s = self.settings
-        options = set(pyfuse3.default_options)
-        options |= {f"fsname=datafs:{s.state_dir}", "subtype=datafs", "noatime"}
-        if os.geteuid() == 0:
-            options.add("allow_other")
+        options = fuse_kernel.mount_options(f"datafs:{s.state_dir}", "datafs")
         self.fallocate.install()  # fills a slot pyfuse3 leaves empty, during init()
         try:
             pyfuse3.init(self.ops, str(s.mountpoint), options)
@@ -385,42 +379,7 @@ class Daemon:
         self.mounted = True
 
     async def _tune_kernel(self) -> None:
-        """Raise the mount's readahead, so sequential reads arrive in large
-        requests, and the number of them the kernel keeps in flight. The
-        kernel resets the readahead while it handles FUSE_INIT, which comes
-        after the main loop starts, so set both once that is done."""
-        info = mounts.find_mount(self.settings.mountpoint)
-        if info is None:
-            return
-        path = Path("/sys/class/bdi") / info.device / "read_ahead_kb"
-        wanted = str(self.settings.read_ahead_kb)
-        for _ in range(50):
-            await trio.sleep(0.05)
-            try:
-                path.write_text(wanted)
-                if path.read_text().strip() == wanted:
-                    break
-            except OSError as exc:
-                log.info("could not set readahead", extra={"path": str(path), "error": exc.strerror})
-                break
-        await trio.to_thread.run_sync(self._set_max_background, info.device)
-
-    def _set_max_background(self, device: str) -> None:
-        """Set the connection's background request limit through fusectl
-        (mounting it where the init system has not), and the congestion
-        threshold at three quarters of it, as the kernel's defaults are."""
-        major, minor = (int(part) for part in device.split(":"))
-        connection = FUSECTL_DIR / str(major << 20 | minor)
-        try:
-            if not connection.is_dir() and not os.path.ismount(FUSECTL_DIR):
-                subprocess.run(["mount", "-t", "fusectl", "fusectl", str(FUSECTL_DIR)],
-                               capture_output=True, timeout=10, check=True)
-            limit = self.settings.max_background
-            # Raise the limit before the threshold: the kernel refuses a threshold above it.
-            (connection / "max_background").write_text(str(limit))
-            (connection / "congestion_threshold").write_text(str(max(1, limit * 3 // 4)))
-        except (OSError, subprocess.SubprocessError) as exc:
-            log.info("could not set the FUSE background limit", extra={"path": str(connection), "error": str(exc)})
+        await fuse_kernel.tune(self.settings.mountpoint, self.settings.read_ahead_kb, self.settings.max_background)
 
     # ---- the event loop --------------------------------------------------------------
     async def run(self) -> None:
