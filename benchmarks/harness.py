@@ -37,10 +37,11 @@ from .objstore import measure_ceiling
 from .report import format_figure
 from .results import DISK, S3_CEILING, MIB_S, Row
 from .sizes import BLOCK_BYTES, MODES, Sizes, human_bytes
-from .targets import DatafsTarget, DiskTarget, JuicefsTarget, Target, juicefs_binary
+from .targets import DatafsTarget, DiskTarget, JuicefsTarget, Pyfuse3Target, Target, juicefs_binary
 from .workloads import Step, Workloads
 
-KNOWN_PEERS = ("juicefs",)
+#: Targets `--peers` adds: JuiceFS, and the pyfuse3 passthrough (the ceiling of any Python FUSE daemon).
+KNOWN_PEERS = ("juicefs", "pyfuse3")
 #: Metadata engines `--meta` takes; without it datafs uses its embedded LMDB and JuiceFS SQLite.
 KNOWN_META = ("postgres",)
 #: Port offsets after SeaweedFS's 8, so every port stays in the caller's range.
@@ -131,6 +132,8 @@ def _versions(with_juicefs: bool, with_postgres: bool) -> dict[str, str | None]:
     """Version numbers of everything measured, for the report's header."""
     import re
 
+    import pyfuse3
+
     import datafs
     from devtools.seaweed import weed_binary
 
@@ -143,7 +146,7 @@ def _versions(with_juicefs: bool, with_postgres: bool) -> dict[str, str | None]:
         return match.group(0) if match else None
 
     jfs = juicefs_binary() if with_juicefs else None
-    versions = {"datafs": datafs.__version__}
+    versions = {"datafs": datafs.__version__, "pyfuse3": pyfuse3.__version__}
     if jfs:
         versions["JuiceFS"] = version_of([jfs, "version"])
     if with_postgres:
@@ -262,7 +265,10 @@ def run(options: Options, progress_stream=None) -> tuple[list[Row], dict]:
         rows: list[Row] = []
         try:
             client = server.client()
-            targets += [DiskTarget(workdir), DatafsTarget(workdir, server, client, pg)]
+            targets.append(DiskTarget(workdir))
+            if "pyfuse3" in options.peers:
+                targets.append(Pyfuse3Target(workdir))
+            targets.append(DatafsTarget(workdir, server, client, pg))
             if "juicefs" in options.peers:
                 targets.append(JuicefsTarget(workdir, server, client, options.base_port + JUICEFS_METRICS_PORT_OFFSET,
                                              pg))

@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .results import BY_ID, DATAFS, DISK, IOPS, JUICEFS, MIB, MIB_S, S3_CEILING, SECONDS, WORKLOADS, Row
+from .results import BY_ID, DATAFS, DISK, IOPS, JUICEFS, MIB, MIB_S, PYFUSE3, S3_CEILING, SECONDS, WORKLOADS, Row
 from .sizes import Sizes
 
-TARGET_ORDER = (DISK, DATAFS, JUICEFS, S3_CEILING)
-COLORS = {DISK: "#7f7f7f", DATAFS: "#1f77b4", JUICEFS: "#ff7f0e", S3_CEILING: "#2ca02c"}
+TARGET_ORDER = (DISK, PYFUSE3, DATAFS, JUICEFS, S3_CEILING)
+COLORS = {DISK: "#7f7f7f", PYFUSE3: "#9467bd", DATAFS: "#1f77b4", JUICEFS: "#ff7f0e", S3_CEILING: "#2ca02c"}
 
 
 def format_seconds(seconds: float) -> str:
@@ -91,19 +91,23 @@ def markdown(rows: list[Row], meta: dict) -> str:
         engine_text(meta),
         "",
         "Targets: **disk** is a plain directory on the same filesystem as the caches (the physical limit of this "
-        "machine); **datafs** and **juicefs** (`--writeback`, local cache dir) store their data "
-        "in the same SeaweedFS S3 server on 127.0.0.1; **s3-ceiling** is boto3 against that server with nothing "
-        "in between.",
+        "machine); **pyfuse3** is a minimal passthrough filesystem on pyfuse3 and trio over a directory on that "
+        "disk, with datafs's mount options and kernel tuning (the limit of any Python FUSE daemon: a datafs row "
+        "close to it has little left to gain on pyfuse3); **datafs** and **juicefs** (`--writeback`, local cache "
+        "dir) store their data in the same SeaweedFS S3 server on 127.0.0.1; **s3-ceiling** is boto3 against that "
+        "server with nothing in between.",
         "",
         "Ratios are speeds next to a reference: 2.00x is twice as fast (twice the MiB/s or IOPS, half the seconds), "
         "0.50x half as fast. *vs disk* compares with the same job on the disk (cold reads: with the disk's read "
-        "after dropping the page cache); *vs S3 ceiling* with boto3's PUT (uploads) or GET (cold reads) throughput; "
+        "after dropping the page cache); *vs pyfuse3 ceiling* is datafs next to the same job on the pyfuse3 "
+        "passthrough (1.00x: as fast as a Python FUSE daemon can be here); *vs S3 ceiling* with boto3's PUT (uploads) or GET (cold reads) throughput; "
         "*vs JuiceFS* is datafs next to JuiceFS. For the upload lag, *vs S3 ceiling* is the time boto3 needs to PUT "
         "that much data divided by the lag: above 1.00x means the upload had started before close(). For the peak "
-        "RSS, *vs JuiceFS* is JuiceFS's peak divided by datafs's: above 1.00x, datafs used less memory.",
+        "RSS, *vs JuiceFS* is JuiceFS's peak divided by datafs's (above 1.00x, datafs used less memory), and "
+        "*vs pyfuse3 ceiling* the passthrough's peak divided by datafs's.",
         "",
-        "| # | Workload | Target | Result | vs disk | vs S3 ceiling | vs JuiceFS | Note |",
-        "|---|---|---|---|---:|---:|---:|---|",
+        "| # | Workload | Target | Result | vs disk | vs pyfuse3 ceiling | vs S3 ceiling | vs JuiceFS | Note |",
+        "|---|---|---|---|---:|---:|---:|---:|---|",
     ]
     previous = None
     for row in ordered(rows):
@@ -113,8 +117,8 @@ def markdown(rows: list[Row], meta: dict) -> str:
         lines.append("| " + " | ".join([
             workload.number if first else "",
             workload.title_for(sizes).replace("|", "\\|") if first else "",
-            row.target, format_figure(row), _ratio(row.ratio_disk), _ratio(row.ratio_s3),
-            _ratio(row.ratio_juicefs), row.note.replace("|", "\\|"),
+            row.target, format_figure(row), _ratio(row.ratio_disk), _ratio(row.ratio_pyfuse3),
+            _ratio(row.ratio_s3), _ratio(row.ratio_juicefs), row.note.replace("|", "\\|"),
         ]) + " |")
     return "\n".join(lines) + "\n"
 

@@ -18,10 +18,13 @@ from typing import Any
 
 from .sizes import BLOCK_BYTES, Sizes, human_bytes
 
-DISK, DATAFS, JUICEFS, S3_CEILING = "disk", "datafs", "juicefs", "s3-ceiling"
-#: Filesystem targets in the order they run (JuiceFS only with --peers juicefs).
-FS_TARGETS = (DISK, DATAFS, JUICEFS)
+DISK, PYFUSE3, DATAFS, JUICEFS, S3_CEILING = "disk", "pyfuse3", "datafs", "juicefs", "s3-ceiling"
+#: Filesystem targets in the order they run (pyfuse3 and JuiceFS only with --peers).
+FS_TARGETS = (DISK, PYFUSE3, DATAFS, JUICEFS)
+#: With an object store behind them.
 REMOTE = (DATAFS, JUICEFS)
+#: Served by a daemon of their own (the disk is the kernel's).
+DAEMONS = (PYFUSE3, DATAFS, JUICEFS)
 MIB_S, IOPS, SECONDS, MIB = "MiB/s", "IOPS", "s", "MiB"
 
 
@@ -83,7 +86,7 @@ WORKLOADS: tuple[Workload, ...] = (
              FS_TARGETS, disk_ref="warmup-cold", s3_ref="s3-get"),
     Workload("list-dir", "8", "List a directory of {listing} entries, os.scandir (page cache dropped)", SECONDS,
              FS_TARGETS, disk_ref="list-dir"),
-    Workload("peak-rss", "9", "Peak RSS of the filesystem's daemon over the whole run (VmHWM)", MIB, REMOTE),
+    Workload("peak-rss", "9", "Peak RSS of the filesystem's daemon over the whole run (VmHWM)", MIB, DAEMONS),
 )
 BY_ID = {w.id: w for w in WORKLOADS}
 
@@ -101,6 +104,7 @@ class Row:
     ratio_disk: float | None = None
     ratio_s3: float | None = None
     ratio_juicefs: float | None = None
+    ratio_pyfuse3: float | None = None
 
     def throughput_bytes_per_second(self) -> float | None:
         """MiB/s rows as they are; a timed transfer of `extra['bytes']` as bytes/seconds."""
@@ -125,7 +129,9 @@ def speed_ratio(row: Row, reference: Row | None) -> float | None:
 
 
 def fill_ratios(rows: list[Row]) -> None:
-    """Set each row's ratios to the disk, the object-store ceiling and JuiceFS."""
+    """Set each row's ratios to the disk, the object-store ceiling, JuiceFS
+    and (datafs's rows) the pyfuse3 ceiling: the same job on a passthrough
+    filesystem in Python on the same disk."""
     index = {(r.workload, r.target): r for r in rows}
     for row in rows:
         workload = BY_ID[row.workload]
@@ -138,6 +144,7 @@ def fill_ratios(rows: list[Row]) -> None:
                 row.ratio_s3 = mine / (ceiling.figure * (1 << 20))
         if row.target == DATAFS:
             row.ratio_juicefs = speed_ratio(row, index.get((row.workload, JUICEFS)))
+            row.ratio_pyfuse3 = speed_ratio(row, index.get((row.workload, PYFUSE3)))
 
 
 def _cross_ratio(row: Row, reference: Row | None) -> float | None:

