@@ -467,3 +467,32 @@ async def test_a_read_racing_a_finishing_fetch_does_not_fetch_the_chunk_again(st
     stack.store.get, stack.cache.read = counting_get, racing_read
     assert await stack.source.read(ref, 0, 1 << 20) == data[:1 << 20]
     assert gets == [ref.chunk_id]
+
+
+async def test_read_only_open_and_close_records_nothing(stack, monkeypatch):
+    """Closing a file that was only read is no commit: no metadata write
+    transaction, and no wait behind the file's lock (held here by a writer
+    that has not changed anything yet)."""
+    data = os.urandom(50_000)
+    ino = await stack.write_file(b"f", data)
+    writes = []
+    transact = stack.meta.kv.transact
+    monkeypatch.setattr(stack.meta.kv, "transact", lambda fn: (writes.append(fn), transact(fn))[1])
+    fi = await stack.ops.open(ino, os.O_RDONLY, Ctx())
+    assert await stack.ops.read(fi.fh, 0, 1 << 20) == data
+    lock, done = stack.ops.contents[ino].lock, trio.Event()
+
+    async def writer_holding_the_lock(task_status=trio.TASK_STATUS_IGNORED):
+        async with lock:
+            task_status.started()
+            await done.wait()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer_holding_the_lock)
+        with trio.fail_after(5):
+            await stack.ops.flush(fi.fh)
+            await stack.ops.release(fi.fh)
+        done.set()
+    assert writes == []
+    assert await stack.read_file(ino) == data
+

@@ -558,6 +558,10 @@ class FileContent:
         """Seal what is buffered and record it in one metadata transaction.
         Returns whether there was anything to commit. If it fails, the
         uncommitted writes are dropped (see the module doc)."""
+        if not self.dirty and self.failure is None:
+            # Clean (every close of a file opened to read): nothing to wait for;
+            # a write still under way has not returned, so it need not show yet.
+            return False
         async with self.lock:
             if self.failure is not None:
                 await self._raise_failure()
