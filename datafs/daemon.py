@@ -64,6 +64,12 @@ STATUS_INTERVAL_SECONDS = 2.0
 #: its mount is still there (after an unmount it ends those waits).
 UNMOUNT_CHECK_SECONDS = 1.0
 META_SYNC_INTERVAL_SECONDS = 5.0
+#: pyfuse3 serves each request in a task of its own and ends a task that finds
+#: more than `min_tasks` others idle. Its default of 1 makes parallel readers
+#: start and end a task every few requests; idle tasks cost a parked coroutine.
+FUSE_IDLE_TASKS = 32
+#: Requests handled at once (pyfuse3's default).
+FUSE_MAX_TASKS = 99
 
 
 def lock_path(state_dir: Path) -> Path:
@@ -409,7 +415,7 @@ class Daemon:
             })
             # The kernel mount is up and every task that serves it has started.
             sdnotify.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=mounted at {self.settings.mountpoint}")
-            await pyfuse3.main()
+            await pyfuse3.main(min_tasks=FUSE_IDLE_TASKS, max_tasks=FUSE_MAX_TASKS)
             sdnotify.notify("STOPPING=1\nSTATUS=committing open files and finishing uploads")
             await self.fallocate.stop()  # its requests end like pyfuse3's own: before the last commits
             lost = await self._commit_all()

@@ -209,6 +209,7 @@ def snapshot() -> dict:
         "fuse_ops_by_op": _by_label(FUSE_OPS, "op"),
         "read_bytes": _by_label(READ_BYTES, "tier"),
         "write_bytes": _total(WRITE_BYTES),
+        "commits": _total(COMMITS),
         "upload_bytes": _total(UPLOAD_BYTES),
         "cache_hits": _total(CACHE_HITS),
         "cache_misses": _total(CACHE_MISSES),

@@ -958,6 +958,32 @@ def _rename_reader(directory: str, stop, deadline: float, results) -> None:
     results.put((reads, problems))
 
 
+def test_parallel_readers_of_small_files_commit_nothing(mount_factory):
+    """32 readers at once over many small files (a model tree's configs and
+    shards): every byte right, and closing files that were only read records
+    nothing in the metadata engine. The engine does not matter here: LMDB."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from datafs import control
+    from datafs.daemon import control_path
+
+    mount = mount_factory()
+    files = {}
+    for i in range(256):
+        path = mount.path / f"d{i % 8}" / f"f{i:03d}"
+        path.parent.mkdir(exist_ok=True)
+        files[path] = os.urandom(16 << 10)
+        path.write_bytes(files[path])
+    before = control.request(control_path(mount.state_dir), "GET", "/stats")
+    with ThreadPoolExecutor(32) as readers:
+        got = dict(zip(files, readers.map(lambda p: p.read_bytes(), files)))
+    after = control.request(control_path(mount.state_dir), "GET", "/stats")
+    assert got == files
+    assert after["commits"] == before["commits"]
+    opened = after["fuse_ops_by_op"].get("open", 0) - before["fuse_ops_by_op"].get("open", 0)
+    assert opened == len(files)
+
+
 def test_rename_over_a_name_is_atomic_for_concurrent_readers(datafs_mount: Mount):
     directory = str(datafs_mount.path)
     (datafs_mount.path / "current").write_bytes(_version(99, 0))
