@@ -496,3 +496,35 @@ async def test_read_only_open_and_close_records_nothing(stack, monkeypatch):
     assert writes == []
     assert await stack.read_file(ino) == data
 
+
+async def test_parallel_readers_of_different_files_fetch_at_once(stack, monkeypatch):
+    """Readers of cold small files each wait for their own GET; those GETs
+    are in flight together, not one after the other (the store here answers
+    only once all of them have asked)."""
+    import threading
+
+    files = {}
+    for i in range(8):
+        data = os.urandom(16 << 10)
+        files[await stack.write_file(b"f%d" % i, data)] = data
+    await stack.uploader.wait_idle()
+    stack.evict_all()
+    everyone = threading.Barrier(len(files), timeout=10)
+    get = stack.store.get
+
+    def get_when_all_asked(chunk):
+        everyone.wait()  # BrokenBarrierError (EIO) unless all GETs run at once
+        return get(chunk)
+
+    monkeypatch.setattr(stack.store, "get", get_when_all_asked)
+    got = {}
+
+    async def read(ino):
+        got[ino] = await stack.read_file(ino)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as readers:
+            for ino in files:
+                readers.start_soon(read, ino)
+    assert got == files
+    assert sorted(stack.cache.ids()) == sorted(chunk_id(d) for d in files.values())
