@@ -110,6 +110,25 @@ def test_put_get_exists_delete_round_trip(store: S3Store, tmp_path: Path, size_b
     store.delete(chunk_id)  # idempotent
 
 
+def test_get_of_a_stored_chunk_needs_no_client_call(store: S3Store, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GET answered whole is served by the plain signed request; only
+    failures (here: an absent key) go through the client, which classifies them."""
+    calls = []
+    get_object = store._client.get_object
+    monkeypatch.setattr(store._client, "get_object", lambda **kw: (calls.append(kw["Key"]), get_object(**kw))[1])
+    for size_bytes in (0, 16 << 10, CHUNK_SIZE):
+        data = os.urandom(size_bytes)
+        chunk_id, path = _chunk_file(tmp_path, data)
+        store.put_file(chunk_id, path)
+        assert store.get(chunk_id) == data
+    assert calls == []
+    absent = blake3.blake3(b"not there").hexdigest()
+    with pytest.raises(ChunkMissing):
+        store.get(absent)
+    assert len(calls) == 1
+
+
 def test_get_absent_chunk_raises_chunk_missing(store: S3Store) -> None:
     absent = blake3.blake3(b"never uploaded").hexdigest()
     with pytest.raises(ChunkMissing) as info:

@@ -19,11 +19,15 @@ Invariants:
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import quote
 
 import boto3
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -41,6 +45,8 @@ from botocore.exceptions import (
 from .. import metrics
 from ..errors import ChunkMissing, StoreError, UsageError
 from .store import ObjectStore, StoredChunk, is_chunk_id, object_key
+
+log = logging.getLogger(__name__)
 
 DEFAULT_REGION = "us-east-1"
 
@@ -160,6 +166,11 @@ class S3Store(ObjectStore):
                            max_attempts=1, region=self.region),
         )
         self.endpoint_url = self._client.meta.endpoint_url
+        # The direct GET (see `get`) borrows the client's connection pool (its
+        # TLS verification, proxies and timeouts) and credentials; without
+        # them every GET goes through the client.
+        self._http = getattr(getattr(self._client, "_endpoint", None), "http_session", None)
+        self._credentials = session.get_credentials()
 
     def describe(self) -> str:
         where = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
@@ -226,11 +237,20 @@ class S3Store(ObjectStore):
                 raise classify_error(exc, f"PUT {key}") from None
 
     def get(self, chunk_id: str) -> bytes:
-        """The whole object. botocore checks the length it read against
-        Content-Length (a short body raises, and is classified temporary);
-        the caller verifies the BLAKE3 hash."""
+        """The whole object; the caller verifies the BLAKE3 hash.
+
+        First as one signed GET on the client's pool, without botocore's
+        request pipeline (measured against SeaweedFS: 0.53 ms of CPU per
+        16 KiB GET instead of 1.75 ms; with the GIL that CPU bounded a cold
+        read of 2,000 small files at 3.5 s). Anything but a whole 200 answer
+        (absent, throttled, refused, cut short) is asked again through the
+        client, which retries once and whose error `classify_error` judges:
+        failures keep one meaning, at the cost of one more request."""
         key = self._key(chunk_id)
         with metrics.store_request("GET"):
+            data = self._get_direct(key)
+            if data is not None:
+                return data
             try:
                 response = self._client.get_object(Bucket=self.bucket, Key=key)
                 body = response["Body"]
@@ -240,6 +260,28 @@ class S3Store(ObjectStore):
                     body.close()
             except (ClientError, BotoCoreError) as exc:
                 raise classify_error(exc, f"GET {key}", chunk_id=chunk_id) from None
+
+    def _get_direct(self, key: str) -> bytes | None:
+        """The object's bytes from one plain signed GET, or None for anything
+        else (the caller then asks the client)."""
+        if self._http is None or self._credentials is None:
+            return None
+        url = f"{self.endpoint_url.rstrip('/')}/{quote(self.bucket, safe='')}/{quote(key, safe='/~')}"
+        try:
+            request = AWSRequest(method="GET", url=url)
+            S3SigV4Auth(self._credentials.get_frozen_credentials(), "s3", self.region).add_auth(request)
+            response = self._http.send(request.prepare())
+            try:
+                data = response.content  # read whole, error bodies too: the connection goes back clean
+            finally:
+                response.raw.release_conn()
+            expected = response.headers.get("content-length")
+        except Exception as exc:  # the client's attempt reports it (see `get`)
+            log.debug("direct GET failed; asking the client", extra={"key": key, "error": repr(exc)})
+            return None
+        if response.status_code != 200 or expected is None or int(expected) != len(data):
+            return None
+        return data
 
     def exists(self, chunk_id: str) -> bool:
         key = self._key(chunk_id)
