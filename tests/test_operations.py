@@ -23,7 +23,7 @@ from datafs.fs import FALLOC_FL_KEEP_SIZE as KEEP, FALLOC_FL_PUNCH_HOLE as PUNCH
 from datafs.meta.calls import MetaCalls
 from datafs.meta.kv import open_kv
 from datafs.meta.store import ROOT_INODE, MetaStore
-from datafs.tiers.chain import ChunkSource
+from datafs.tiers.chain import FETCH_CONCURRENCY, ChunkSource
 from datafs.tiers.file_store import FileStore
 from datafs.upload import Collector, Uploader
 
@@ -500,11 +500,12 @@ async def test_read_only_open_and_close_records_nothing(stack, monkeypatch):
 async def test_parallel_readers_of_different_files_fetch_at_once(stack, monkeypatch):
     """Readers of cold small files each wait for their own GET; those GETs
     are in flight together, not one after the other (the store here answers
-    only once all of them have asked)."""
+    only once all of them have asked): 32, as many as `find | xargs -P 32`
+    has readers."""
     import threading
 
     files = {}
-    for i in range(8):
+    for i in range(FETCH_CONCURRENCY):  # as many readers as fetches run at once
         data = os.urandom(16 << 10)
         files[await stack.write_file(b"f%d" % i, data)] = data
     await stack.uploader.wait_idle()

@@ -61,6 +61,12 @@ log = logging.getLogger(__name__)
 #: thread hop, which costs more than the copy); larger ones go to a worker
 #: thread, where the copy runs beside the loop instead of blocking it.
 INLINE_READ_MAX_BYTES = 128 << 10
+#: Chunks fetched from the tiers below the cache at once. Each reader of a
+#: cold small file waits on a GET of its own, and the wait is mostly the
+#: store's latency: 32 parallel readers of 2,000 x 16 KiB files read from
+#: SeaweedFS in 4.8 s with 32, 6.0 s with 16 (median of 3 runs each). The
+#: S3 client's pool (64) holds these and the uploads.
+FETCH_CONCURRENCY = 32
 #: A writer stalled on a full cache asks failing uploads to retry this often,
 #: so a store that came back is noticed before the writer gives up.
 STALL_RETRY_KICK_SECONDS = 5.0
@@ -84,7 +90,7 @@ class _Fetch:
 class ChunkSource:
     def __init__(
         self, cache: ChunkCache, store: ObjectStore, *,
-        wait_timeout_seconds: float = 300.0, fetch_concurrency: int = 16, disk_concurrency: int = 8,
+        wait_timeout_seconds: float = 300.0, fetch_concurrency: int = FETCH_CONCURRENCY, disk_concurrency: int = 8,
         prefetch_chunks: int = 16, space_wait_seconds: float = 60.0, ledger: ChunkLedger | None = None,
     ):
         self.cache = cache
