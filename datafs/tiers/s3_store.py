@@ -270,9 +270,13 @@ class S3Store(ObjectStore):
         try:
             request = AWSRequest(method="GET", url=url)
             S3SigV4Auth(self._credentials.get_frozen_credentials(), "s3", self.region).add_auth(request)
-            response = self._http.send(request.prepare())
+            prepared = request.prepare()
+            # Not botocore's read of the body (64 KiB pieces, joined: twice
+            # the CPU of the client's GET for a 4 MiB chunk) but one read.
+            prepared.stream_output = True
+            response = self._http.send(prepared)
             try:
-                data = response.content  # read whole, error bodies too: the connection goes back clean
+                data = response.raw.read()  # whole, error bodies too: the connection goes back clean
             finally:
                 response.raw.release_conn()
             expected = response.headers.get("content-length")
