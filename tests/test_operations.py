@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -529,3 +530,45 @@ async def test_parallel_readers_of_different_files_fetch_at_once(stack, monkeypa
                 readers.start_soon(read, ino)
     assert got == files
     assert sorted(stack.cache.ids()) == sorted(chunk_id(d) for d in files.values())
+
+
+async def test_fetch_returns_once_the_chunk_is_cached_even_behind_a_reader(stack):
+    """A reader waiting on another's fetch goes on with the bytes before they
+    are written to the cache; `fetch` (what the peer server calls before it
+    answers from the cache file) waits until they are there."""
+    data = os.urandom(C)
+    ino = await stack.write_file(b"f", data)
+    await stack.uploader.wait_idle()
+    stack.evict_all()
+    (ref,) = stack.meta.chunks(ino, 0, 1 << 62).values()
+    writing, release = threading.Event(), threading.Event()
+    real_put = stack.cache.put
+
+    def slow_put(*args, **kwargs):
+        writing.set()
+        release.wait(10)
+        return real_put(*args, **kwargs)
+
+    stack.cache.put = slow_put
+    order = []
+
+    async def reader():
+        assert await stack.source.read(ref, 0, 4096) == data[:4096]
+
+    async def waiter():
+        await trio.to_thread.run_sync(writing.wait, 10)
+        assert await stack.source.fetch(ref) == data
+        order.append(ref.chunk_id in stack.cache)
+
+    async def second_reader():
+        await trio.to_thread.run_sync(writing.wait, 10)
+        assert await stack.source.read(ref, 4096, 4096) == data[4096:8192]  # not held up by the write
+        order.append("read")
+        release.set()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            nursery.start_soon(waiter)
+            nursery.start_soon(second_reader)
+    assert order == ["read", True]

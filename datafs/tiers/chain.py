@@ -78,10 +78,11 @@ _READ_FROM_CACHE = metrics.READ_BYTES.labels("cache")
 class _Fetch:
     """One fetch in flight; the readers waiting on it share its outcome."""
 
-    __slots__ = ("done", "data", "tier", "error")
+    __slots__ = ("done", "kept", "data", "tier", "error")
 
     def __init__(self) -> None:
-        self.done = trio.Event()
+        self.done = trio.Event()  # the bytes (or the error) are here
+        self.kept = trio.Event()  # and the attempt to cache them is over
         self.data: bytes | bytearray | None = None
         self.tier = ""  # the tier that served it
         self.error: BaseException | None = None
@@ -199,11 +200,14 @@ class ChunkSource:
         return bytes(memoryview(whole)[offset:end])
 
     async def fetch(self, ref: ChunkRef, deadline: float | None = None) -> bytes | bytearray:
-        """Bring a chunk into the cache (single-flight) and return its bytes."""
-        return (await self._fetch(ref, deadline))[0]
+        """Bring a chunk into the cache (single-flight) and return its bytes.
+        On return the chunk is in the cache (unless it did not fit): the peer
+        server answers from the cache file right after."""
+        return (await self._fetch(ref, deadline, cached=True))[0]
 
-    async def _fetch(self, ref: ChunkRef, deadline: float | None) -> tuple[bytes | bytearray, str]:
-        """The chunk's bytes and the tier that served them."""
+    async def _fetch(self, ref: ChunkRef, deadline: float | None, cached: bool = False) -> tuple[bytes | bytearray, str]:
+        """The chunk's bytes and the tier that served them; with `cached`, not
+        before the chunk is in the cache (a reader needs only the bytes)."""
         if deadline is None:
             deadline = self.deadline()
         while True:
@@ -211,7 +215,7 @@ class ChunkSource:
             if pending is None:
                 break
             with self._wait(deadline) as scope:
-                await pending.done.wait()
+                await (pending.kept if cached else pending.done).wait()
             if scope.cancelled_caught:
                 raise self._gave_up(ref, f"not available after {self.wait_timeout_seconds:g} s")
             if pending.data is not None:
@@ -241,6 +245,7 @@ class ChunkSource:
         finally:
             del self._inflight[ref.chunk_id]
             pending.done.set()
+            pending.kept.set()
 
     def prefetch(self, refs: list[ChunkRef]) -> None:
         """Start background fetches of chunks not cached yet, within the budget;
