@@ -68,6 +68,9 @@ class _Open:
         self.stamp = stamp
         self.advised = time.monotonic()
 
+    def read_ahead_due(self) -> bool:
+        return time.monotonic() - self.advised > READ_AHEAD_AGAIN_SECONDS
+
 
 def _stamp(st: os.stat_result) -> tuple[int, int, int]:
     """What changes when a file is rewritten or replaced (a hard link, which
@@ -257,7 +260,7 @@ class ChunkCache:
                 # The file was read ahead whole when it was opened, so its
                 # pages were dropped since: `read` asks for all of it again
                 # instead of one random 4 KiB request after another.
-                if time.monotonic() - handle.advised > READ_AHEAD_AGAIN_SECONDS:
+                if handle.read_ahead_due():
                     handle.advised = 0
                 return None
             return bytes(buf) if got == size else None
@@ -277,7 +280,7 @@ class ChunkCache:
             handle = self._fds.get(chunk_id)
             if handle is None:
                 return chunk_id in self._lru
-            return time.monotonic() - handle.advised > READ_AHEAD_AGAIN_SECONDS
+            return handle.read_ahead_due()
 
     def read_ahead(self, chunk_id: str) -> None:
         """Ask the kernel to read a cached chunk's whole file into memory
@@ -287,7 +290,7 @@ class ChunkCache:
         if handle is None:
             return
         try:
-            if time.monotonic() - handle.advised > READ_AHEAD_AGAIN_SECONDS:
+            if handle.read_ahead_due():
                 self._read_ahead_whole(handle)
         finally:
             self._done(handle)

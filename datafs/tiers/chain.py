@@ -182,11 +182,10 @@ class ChunkSource:
         data = None
         if end - offset <= INLINE_READ_MAX_BYTES:
             data = self.cache.read_resident(ref.chunk_id, offset, end - offset)
-        if data is None and ref.chunk_id in self.cache:  # no thread hop just to learn it is not here
-            data = await trio.to_thread.run_sync(self.cache.read, ref.chunk_id, offset, end - offset, limiter=self.disk_limiter)
-        if data is None and ref.chunk_id in self.cache and ref.chunk_id not in self._inflight:
-            # A fetch (often a prefetch) finished while this read was in its
-            # thread: read what it cached rather than fetch the chunk again.
+        # No thread hop just to learn it is not here; and with no await
+        # between this check and `_fetch`, a fetch that finishes meanwhile is
+        # either in the cache here or still in flight there: never fetched twice.
+        if data is None and ref.chunk_id in self.cache:
             data = await trio.to_thread.run_sync(self.cache.read, ref.chunk_id, offset, end - offset, limiter=self.disk_limiter)
         if data is not None:
             _READ_FROM_CACHE.inc(len(data))
