@@ -79,6 +79,21 @@ CACHE_BYTES = gauge("datafs_cache_bytes", "Bytes of chunks in the local cache")
 CACHE_LIMIT_BYTES = gauge("datafs_cache_limit_bytes", "The local cache's byte limit (--cache-size)")
 CACHE_PINNED_BYTES = gauge("datafs_cache_pinned_bytes", "Bytes of cached chunks that cannot be evicted: not committed or not uploaded yet")
 
+# ---- durability (datafs/durability.py) ------------------------------------------------------
+CHUNKS_NOT_DURABLE = gauge(
+    "datafs_chunks_not_durable", "Chunks written to the local cache without fsync, not yet durable against power loss",
+)
+CHUNKS_NOT_DURABLE_BYTES = gauge("datafs_chunks_not_durable_bytes", "Bytes of chunks not yet durable against power loss")
+FLUSH_SECONDS = histogram(
+    "datafs_flush_seconds", "Time to make written chunks and the metadata durable, by what asked: flush (the "
+    "background interval, and unmount) or fsync", ("op",), buckets=_FAST_BUCKETS,
+)
+FLUSHES = counter("datafs_flushes_total", "Flushes and fsyncs, by what asked (flush, fsync) and result (ok, error)", ("op", "result"))
+DAMAGED_FILES = counter(
+    "datafs_recovery_damaged_files_total",
+    "Files cut short at start because chunks they referenced were lost (written within the flush interval before a power loss)",
+)
+
 # ---- chunk fetches and writes -----------------------------------------------------------------
 CHUNK_FETCHES = counter("datafs_chunk_fetches_total", "Chunks fetched into the local cache", ("tier", "result"))
 CHUNK_FETCH_SECONDS = histogram(

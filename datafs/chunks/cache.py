@@ -1,8 +1,16 @@
 """The local chunk cache: one file per chunk on the node's NVMe.
 
 Layout: <dir>/chunks/<first 2 hex>/<chunk id>, temporary files in <dir>/tmp.
-A chunk enters atomically (temp file, fsync, rename), so a crash leaves either
-the whole chunk or none of it. The cache keeps a byte limit and a free-disk
+A chunk enters atomically (temp file, rename), so a crash of the daemon leaves
+either the whole chunk or none of it. A new chunk that exists nowhere else is
+made durable against power loss either before its rename (fsync: what a
+remote metadata engine needs, whose commit the fleet sees at once), or later:
+the cache then owes it a sync (`unsynced`), which `sync` pays in a batch
+(durability.py decides when). A chunk owed a sync leaves the owed set only
+once its file is durable, once the object store has the chunk (a store's
+put is durable), or once the file is gone (evicted after its upload, or
+dropped): what is owed is exact, so a flush is never skipped for a chunk
+that still needs one. The cache keeps a byte limit and a free-disk
 floor by evicting least-recently-used chunks, but never one that is pinned:
 pins are held for chunks that exist nowhere else (sealed but not committed, or
 committed but not yet uploaded). Pins and eviction take the same lock, so a
@@ -31,12 +39,14 @@ Methods that touch the disk block; callers run them in worker threads, except
 from __future__ import annotations
 
 import collections
+import ctypes
 import logging
 import os
 import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Iterable
 
 from .. import metrics
 from . import chunk_id as hash_chunk
@@ -47,6 +57,39 @@ log = logging.getLogger(__name__)
 #: file touch every chunk; a smaller LRU reopened (and re-read ahead) a chunk
 #: on most reads. The daemon raises its open-file limit to fit (daemon.py).
 FD_CACHE_SIZE = 1024
+#: A batch of at least this many chunks is made durable with one syncfs(2) of
+#: the cache's filesystem instead of an fsync per file and directory.
+#: Measured on this project's test machine (ext4, virtio disk, best of 3),
+#: 16 KiB chunks, fsync each vs one syncfs: 8: 2.2 vs 0.6 ms; 128: 41 vs 4 ms;
+#: 2,000: 460 vs 32 ms; 4 x 4 MiB: 21 vs 11 ms. syncfs also writes back
+#: whatever else is dirty on that filesystem, so the few chunks of one
+#: fsync() keep to their own files: a busy neighbour cannot slow them.
+SYNCFS_MIN_CHUNKS = 8
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syncfs = getattr(_libc, "syncfs", None)
+
+
+def syncfs(path: Path) -> None:
+    """syncfs(2) of the filesystem holding `path`: every dirty page and inode
+    of that filesystem, one journal commit. Raises OSError (a writeback error
+    since the last sync is reported here, since Linux 5.8)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), str(path))
+    finally:
+        os.close(fd)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's fsync makes its entries durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 #: How often a chunk file found out of memory is asked back in whole.
@@ -91,6 +134,14 @@ class ChunkCache:
         self._fds: collections.OrderedDict[str, _Open] = collections.OrderedDict()
         # Stamps of files verified against their name (written here, or hashed).
         self._verified: dict[str, tuple[int, int, int]] = {}
+        # Chunks written without fsync that must become durable: id -> (size,
+        # write number). The write number tells a sync that raced with an
+        # eviction and a rewrite of the same chunk that the new file is
+        # still owed one.
+        self._unsynced: dict[str, tuple[int, int]] = {}
+        self._unsynced_bytes = 0
+        self._writes = 0
+        self._new_directories = True  # fan-out directories created since the last sync
         self.size_bytes = 0
         self.reserved_bytes = 0  # room made for chunks being written now
 
@@ -119,6 +170,8 @@ class ChunkCache:
         metrics.CACHE_LIMIT_BYTES.set(self.limit_bytes)
         metrics.CACHE_CHUNKS.set_function(lambda: len(self._lru))
         metrics.CACHE_PINNED_BYTES.set_function(lambda: self.pinned()[1])
+        metrics.CHUNKS_NOT_DURABLE.set_function(lambda: len(self._unsynced))
+        metrics.CHUNKS_NOT_DURABLE_BYTES.set_function(lambda: self._unsynced_bytes)
 
     def sizes(self) -> dict[str, int]:
         with self._lock:
@@ -160,12 +213,15 @@ class ChunkCache:
             return chunk_id in self._lru
 
     # ---- data ------------------------------------------------------------------------
-    def put(self, chunk_id: str, data: bytes | bytearray | memoryview, durable: bool = True) -> bool:
+    def put(self, chunk_id: str, data: bytes | bytearray | memoryview, durable: bool = True, *,
+            defer_sync: bool = False) -> bool:
         """Store a chunk unless present. Returns whether the chunk is in the
         cache now: False means it does not fit (only pinned chunks are left to
         evict) and nothing was written. A full disk raises OSError(ENOSPC).
-        `durable` fsyncs it first: needed for new chunks (nowhere else yet), not
-        for chunks fetched from a tier that keeps them (a crash only costs a re-fetch)."""
+        `durable`: the chunk exists nowhere else yet and must survive a power
+        loss; it is fsynced before its rename, or, with `defer_sync`, written
+        now and owed a sync (`unsynced`, paid by `sync`). Chunks fetched from
+        a tier that keeps them need neither (a crash only costs a re-fetch)."""
         with self._lock:
             if chunk_id in self._lru:
                 self._lru.move_to_end(chunk_id)
@@ -180,14 +236,14 @@ class ChunkCache:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
-                if durable:
+                if durable and not defer_sync:
                     os.fsync(fd)
             except BaseException:
                 os.close(fd)
                 tmp.unlink(missing_ok=True)
                 raise
             os.close(fd)
-            self.adopt(chunk_id, tmp, size)
+            self.adopt(chunk_id, tmp, size, owed_sync=durable and defer_sync)
         finally:
             self.unreserve(size)
         return True
@@ -211,10 +267,13 @@ class ChunkCache:
         with self._lock:
             self.reserved_bytes -= size_bytes
 
-    def adopt(self, chunk_id: str, tmp: Path, size: int) -> None:
-        """Rename a complete, fsynced temp file into place as `chunk_id`."""
+    def adopt(self, chunk_id: str, tmp: Path, size: int, owed_sync: bool = False) -> None:
+        """Rename a complete temp file into place as `chunk_id`: fsynced
+        already, or (`owed_sync`) recorded as owed a sync."""
         final = self.path(chunk_id)
-        final.parent.mkdir(exist_ok=True)
+        if not final.parent.is_dir():
+            final.parent.mkdir(exist_ok=True)
+            self._new_directories = True  # its entry in chunks/ needs a sync too
         with self._lock:
             os.rename(tmp, final)
             if chunk_id not in self._lru:
@@ -222,7 +281,69 @@ class ChunkCache:
             self._lru[chunk_id] = size
             self._lru.move_to_end(chunk_id)
             self._verified[chunk_id] = _stamp(os.stat(final))
+            if owed_sync:
+                self._drop_unsynced_locked(chunk_id)
+                self._writes += 1
+                self._unsynced[chunk_id] = (size, self._writes)
+                self._unsynced_bytes += size
         metrics.CACHE_BYTES.set(self.size_bytes)
+
+    # ---- durability --------------------------------------------------------------------
+    def is_unsynced(self, chunk_id: str) -> bool:
+        """Whether the chunk's file is owed a sync (not durable yet)."""
+        with self._lock:
+            return chunk_id in self._unsynced
+
+    def unsynced(self) -> dict[str, int]:
+        """Chunks owed a sync now, with their sizes."""
+        with self._lock:
+            return {chunk: size for chunk, (size, _) in self._unsynced.items()}
+
+    def sync(self, chunk_ids: Iterable[str]) -> tuple[int, int]:
+        """Make the files of these chunks (those in the cache) durable, whether
+        or not they are owed a sync (at start nothing is known to be): an
+        fsync of each file and of their directories, or one syncfs(2) for a
+        large batch. Returns (chunks, bytes) that were owed and are paid now.
+        A write error raises OSError; what it covered stays owed."""
+        with self._lock:
+            wanted = {chunk: self._unsynced.get(chunk) for chunk in chunk_ids if chunk in self._lru}
+        if not wanted:
+            return 0, 0
+        if len(wanted) >= SYNCFS_MIN_CHUNKS and _syncfs is not None:
+            syncfs(self.root)
+        else:
+            directories = set()
+            if self._new_directories:  # a new fan-out directory's own entry
+                self._new_directories = False
+                directories.add(self._chunks_dir)
+            for chunk in wanted:
+                path = self.path(chunk)
+                try:
+                    fsync_path(path)
+                except FileNotFoundError:
+                    continue  # evicted or dropped meanwhile: nothing left to sync
+                directories.add(path.parent)
+            for directory in directories:
+                fsync_path(directory)
+        chunks = size = 0
+        with self._lock:
+            for chunk, owed in wanted.items():
+                if owed is not None and self._unsynced.get(chunk) == owed:
+                    self._drop_unsynced_locked(chunk)
+                    chunks += 1
+                    size += owed[0]
+        return chunks, size
+
+    def sync_not_needed(self, chunk_id: str) -> None:
+        """The chunk is durable elsewhere (the object store has it): its file
+        here is owed no sync any more."""
+        with self._lock:
+            self._drop_unsynced_locked(chunk_id)
+
+    def _drop_unsynced_locked(self, chunk_id: str) -> None:
+        owed = self._unsynced.pop(chunk_id, None)
+        if owed is not None:
+            self._unsynced_bytes -= owed[0]
 
     def read(self, chunk_id: str, offset: int, size: int) -> bytes | None:
         """Bytes [offset, offset+size) of a cached chunk, or None if it is not here."""
@@ -336,13 +457,16 @@ class ChunkCache:
             self._retire(old)
         return handle
 
-    def _verify(self, chunk_id: str, fd: int, stamp: tuple[int, int, int]) -> bool:
+    def _verify(self, chunk_id: str, fd: int, stamp: tuple[int, int, int], report: bool = True) -> bool:
         """Hash a cache file against its name; drop it if it does not match."""
         data = os.pread(fd, stamp[1] + 1, 0)
         if len(data) == stamp[1] and hash_chunk(data) == chunk_id:
             with self._lock:
                 self._verified[chunk_id] = stamp
             return True
+        if not report:  # the caller reports it in its own terms
+            self.remove(chunk_id)
+            return False
         pinned = self.is_pinned(chunk_id)
         log.error(
             "cache file failed verification, dropped" + (" (it was the only copy: not uploaded yet)" if pinned else ""),
@@ -352,10 +476,11 @@ class ChunkCache:
         self.remove(chunk_id)
         return False
 
-    def verify(self, chunk_id: str) -> bool:
+    def verify(self, chunk_id: str, report: bool = True) -> bool:
         """Whether the cache file is there and holds its chunk (hashed unless it
-        is unchanged since it was written or verified); a bad one is dropped.
-        The uploader checks this before a chunk leaves for the object store."""
+        is unchanged since it was written or verified); a bad one is dropped,
+        and logged unless `report` is off. The uploader checks this before a
+        chunk leaves for the object store; recovery after a power loss too."""
         try:
             fd = os.open(self.path(chunk_id), os.O_RDONLY)
         except FileNotFoundError:
@@ -365,7 +490,7 @@ class ChunkCache:
             with self._lock:
                 if self._verified.get(chunk_id) == stamp:
                     return True
-            return self._verify(chunk_id, fd, stamp)
+            return self._verify(chunk_id, fd, stamp, report)
         finally:
             os.close(fd)
 
@@ -405,6 +530,7 @@ class ChunkCache:
             if size is not None:
                 self.size_bytes -= size
             self._verified.pop(chunk_id, None)
+            self._drop_unsynced_locked(chunk_id)  # nothing left to sync
             handle = self._fds.pop(chunk_id, None)
         if handle is not None:
             self._retire(handle)
@@ -431,6 +557,9 @@ class ChunkCache:
                 del self._lru[chunk_id]
                 self.size_bytes -= size
                 self._verified.pop(chunk_id, None)
+                # Only a chunk the store has is unpinned: its copy there is
+                # durable (stores promise that of a finished put).
+                self._drop_unsynced_locked(chunk_id)
                 handle = self._fds.pop(chunk_id, None)
                 if handle is not None:
                     self._retire_locked(handle)

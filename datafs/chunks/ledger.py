@@ -7,7 +7,8 @@ A chunk on a node can be, at once or in turn:
   the store does not have yet are pinned, and so are committed chunks pending
   upload (the metadata's pending set survives a crash; the pins are rebuilt
   from it);
-- stored: the object store has it (a held chunk then needs no pin);
+- stored: the object store has it (a held chunk then needs no pin, and its
+  cache file no sync: the store's copy is durable);
 - shared: being pushed to its owner by the peer tier;
 - deleting: the collector is deleting it; a seal of the same bytes waits,
   then writes it afresh.
@@ -78,7 +79,9 @@ class ChunkLedger:
 
     def stored(self, chunk: str, *, pending: bool = False) -> None:
         """The object store has `chunk` now: its pending pin (if `pending`) and
-        the pins of its holds go."""
+        the pins of its holds go, and so does its cache file's owed sync (the
+        store's copy is durable; recovery after a power loss looks there)."""
+        self.cache.sync_not_needed(chunk)
         if pending:
             self.cache.unpin(chunk)
         if chunk in self._holds and chunk not in self._stored:
