@@ -4,6 +4,13 @@ It usually shares a disk with the chunk cache, so `put_file` hard-links the
 cache file instead of copying it: each byte written is on disk once, and the
 cache can evict its name while the store keeps the data. Across filesystems it
 falls back to copy, fsync, rename.
+
+Like S3's PUT, `put_file` returns once the object is durable: the file is
+fsynced before its rename into place and the directory after it. The cache
+writes chunks without fsync on the embedded engine (durability.py), and a
+chunk the store has may leave the cache at once, so the store's copy must not
+depend on the cache's flush. It is the uploader's thread that waits, not a
+writer.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .. import metrics
+from ..chunks.cache import fsync_path
 from ..errors import ChunkMissing, StoreError, UsageError
 from .store import ObjectStore, StoredChunk, is_chunk_id, object_key
 
@@ -57,19 +65,29 @@ class FileStore(ObjectStore):
         final = self._path(chunk_id)
         if final.exists():
             return
+        new_directory = not final.parent.is_dir()
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.root / "tmp" / uuid.uuid4().hex
         try:
             try:
                 os.link(path, tmp)
+                linked = True
             except OSError as exc:
                 if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                     raise
+                linked = False
+            if linked:
+                fsync_path(tmp)
+            else:
                 with open(path, "rb") as src, open(tmp, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
                     dst.flush()
                     os.fsync(dst.fileno())
             os.rename(tmp, final)
+            fsync_path(final.parent)
+            if new_directory:  # the fan-out directories' own entries (chunks/ab/cd)
+                fsync_path(final.parent.parent)
+                fsync_path(final.parent.parent.parent)
         except FileNotFoundError as exc:
             tmp.unlink(missing_ok=True)
             raise StoreError(f"chunk file {path} vanished before upload: {exc}", temporary=False) from None
