@@ -24,9 +24,18 @@ Key layout (integers big-endian so scans come out in order):
     O <ino> <node>          -> ''                        (that node holds the inode open)
     s <node>                -> session record (JSON, with heartbeat time)
     t <node> <chunk id>     -> time ns, length           (uploaded before its file's commit)
+    j <node> <seq>          -> ino, chunk ids            (a commit whose chunks were not durable yet)
+    J <node>                -> seq                       (durable point: commits up to it have durable chunks)
     #ino                    -> inode numbers handed out (in batches, per node)
     #node                   -> node ids handed out
     #inodes <node>          -> inodes created minus freed by that node
+
+The durability journal (`j`, `J`; durability.py): on the embedded engine a
+content commit may reference chunks not yet fsynced, and records them under
+`j` in the same transaction, so whatever state of the metadata a power loss
+leaves on disk names every chunk it may have lost. A flush makes chunks
+durable, then moves `J` and deletes the entries up to it; a start checks
+those left.
 
 No hot keys: inode numbers come in batches, inode counts are per node and
 flushed in the background, and the only key many nodes write at once is the
@@ -174,6 +183,10 @@ def _k_pending(node: int, chunk: bytes) -> bytes:
 
 def _k_holder(chunk: bytes, node: int) -> bytes:
     return b"w" + chunk + _u64(node)
+
+
+def _k_journal(node: int, seq: int) -> bytes:
+    return b"j" + _u64(node) + _u64(seq)
 
 
 def _k_open(ino: int, node: int) -> bytes:
@@ -933,11 +946,18 @@ class MetaStore:
     def commit_content(
         self, ino: int, size: int, changes: dict[int, ChunkRef | None],
         mtime_ns: int | None = None, drop_from: int | None = None,
+        journal: tuple[int, list[str]] | None = None,
     ) -> tuple[list[str], Inode]:
         """Point chunk indexes at new chunks (None = hole), drop chunks from
         index `drop_from` (a truncation) and past `size`, set size and times.
+        `journal` (sequence number, chunk ids) records the chunks of this
+        commit that are not durable yet, in the same transaction.
         Returns the chunk ids this node now owes an upload for (recorded as
         pending in the same transaction) and the inode as committed."""
+        journal_entry = None
+        if journal is not None and journal[1]:
+            journal_entry = (_k_journal(self.node_id, journal[0]),
+                             _u64(ino) + b"".join(bytes.fromhex(chunk) for chunk in journal[1]))
 
         end_index = (size + CHUNK_SIZE_BYTES - 1) // CHUNK_SIZE_BYTES
         first_dropped = end_index if drop_from is None else min(end_index, drop_from)
@@ -982,6 +1002,8 @@ class MetaStore:
             inode.mtime_ns = mtime_ns if mtime_ns is not None else tx.now
             inode.ctime_ns = tx.now
             tx.save(inode)
+            if journal_entry is not None:
+                t.put(*journal_entry)
             return list(dict.fromkeys(tx.to_upload)), dataclasses.replace(inode)
 
         return self._write(body)
@@ -1026,6 +1048,99 @@ class MetaStore:
         if freed:
             self.add_inode_delta(-1)
         return freed
+
+    # ---- the durability journal (durability.py) ------------------------------------
+    def journal_entries(self) -> list[tuple[int, int, list[str]]]:
+        """(seq, ino, chunk ids) of this node's commits whose chunks were not
+        known durable when they were last flushed, oldest first."""
+        prefix = b"j" + _u64(self.node_id)
+
+        def body(t: Txn) -> list[tuple[int, int, list[str]]]:
+            return [
+                (_U64.unpack(key[9:17])[0], _U64.unpack(value[:8])[0],
+                 [value[i:i + 32].hex() for i in range(8, len(value), 32)])
+                for key, value in t.scan(prefix)
+            ]
+
+        return self.kv.view(body)
+
+    def durable_point(self) -> int:
+        """The last journal sequence number known durable (0: none yet)."""
+        return _time(self.kv.view(lambda t: t.get(b"J" + _u64(self.node_id))))
+
+    def advance_durable_point(self, seq: int) -> int:
+        """Every commit up to `seq` has durable chunks now: move the durable
+        point there (never back) and forget the journal entries up to it.
+        Returns the durable point."""
+        prefix = b"j" + _u64(self.node_id)
+
+        def body(t: Txn) -> int:
+            point = max(_time(t.get(b"J" + _u64(self.node_id))), seq)
+            t.put(b"J" + _u64(self.node_id), _u64(point))
+            for key, _ in list(t.scan(prefix)):
+                if _U64.unpack(key[9:17])[0] > point:
+                    break
+                t.delete(key)
+            return point
+
+        return self.kv.transact(body)
+
+    def cut_at_lost_chunk(self, ino: int, lost: set[str]) -> tuple[int, int] | None:
+        """Cut a file short at the start of the first chunk it references that
+        is lost, dropping that chunk and every one after it (their references
+        go: a chunk no file names any more is garbage). What ext4 does to a
+        file whose unsynced blocks a power loss took, as near as a chunked
+        file allows: a shorter file, never one that names bytes that are not
+        there. Returns (old size, new size), or None when the inode is gone
+        or names none of `lost`."""
+        raw_lost = {bytes.fromhex(chunk) for chunk in lost}
+        prefix = b"c" + _u64(ino)
+
+        def body(tx: _Tx) -> tuple[int, int] | None:
+            t = tx.t
+            raw_inode = t.get(_k_inode(ino))
+            if raw_inode is None:
+                return None
+            inode = Inode.unpack(ino, raw_inode)
+            contents = list(t.scan(prefix))
+            first = next((_U64.unpack(key[9:])[0] for key, value in contents if value[:32] in raw_lost), None)
+            if first is None:
+                return None
+            dropped = [(key, value) for key, value in contents if _U64.unpack(key[9:])[0] >= first]
+            tx.load_refs(value[:32] for _, value in dropped)
+            for key, value in dropped:
+                t.delete(key)
+                tx.decref(value[:32])
+            old_size = inode.size
+            inode.size = min(inode.size, first * CHUNK_SIZE_BYTES)
+            inode.ctime_ns = tx.now
+            tx.save(inode)
+            return old_size, inode.size
+
+        return self._write(body)
+
+    def forget_lost_chunks(self, lost: Iterable[str]) -> int:
+        """Chunks lost before they were uploaded: this node can never upload
+        them, so its pending uploads of them go, and the pending flag with
+        them when no other node owes one. Returns how many were pending."""
+        raw_ids = [bytes.fromhex(chunk) for chunk in lost]
+
+        def body(tx: _Tx) -> int:
+            t = tx.t
+            dropped = 0
+            tx.load_refs(raw_ids)
+            for raw in raw_ids:
+                if t.get(_k_pending(self.node_id, raw)) is not None:
+                    dropped += 1
+                t.delete(_k_pending(self.node_id, raw))
+                t.delete(_k_holder(raw, self.node_id))
+                record = tx._ref(raw)
+                if record is not None and record.flags & PENDING and not tx.holders(raw):
+                    record.flags &= ~PENDING
+                    t.put(b"r" + raw, record.pack())
+            return dropped
+
+        return self._write(body)
 
     # ---- upload and garbage bookkeeping ------------------------------------------
     def mark_uploaded(self, chunk_id: str, token: bytes | None) -> str:
