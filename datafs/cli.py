@@ -354,6 +354,12 @@ def cmd_status(args: SimpleNamespace) -> int:
     if st.get("cache_pinned_bytes"):
         cache += f", {_format_bytes(st['cache_pinned_bytes'])} only here (not in the object store yet)"
     print(f"local cache:      {cache}")
+    if "not_durable_chunks" in st:
+        print(f"not durable yet:  {st['not_durable_chunks']} chunks, {_format_bytes(st['not_durable_bytes'])}"
+              " (flushed within the flush interval, or at fsync)")
+    if st.get("damaged_at_start"):
+        print(f"damaged at start: {st['damaged_at_start']} files cut short after a power loss "
+              f"(one warning each, with its inode, in {info.state_dir / 'datafs.log'})")
     if st.get("shared"):
         nodes = ", ".join(f"{n} ({host})" if host else n for n, host in st["live_nodes"].items())
         print(f"live nodes:       {nodes or 'none'}")

@@ -150,6 +150,9 @@ class Settings(BaseSettings):
     write_buffer_bytes: Size = option(256 << 20, env=("WRITE_BUFFER", "WRITE_BUFFER_BYTES"), default_text="256M",
                                       help="bytes of writes buffered in memory before they are sealed")
     upload_concurrency: int = option(16, env="UPLOAD_CONCURRENCY", help="parallel chunk uploads")
+    flush_interval_seconds: Annotated[float, Field(gt=0)] = option(
+        5.0, env=("FLUSH_INTERVAL", "FLUSH_INTERVAL_SECONDS"), flag="--flush-interval", metavar="SECONDS",
+        help="embedded metadata: files closed are durable against power loss within this (fsync() at once)")
     fsync_waits_upload: bool = option(False, env="FSYNC_WAITS_UPLOAD", flag="--fsync-waits-upload",
                                       help="fsync returns only once the file is in the object store")
     chunk_wait_timeout_seconds: Seconds = option(

@@ -6,13 +6,17 @@ Start-up order matters for "nothing committed is ever lost":
    volume it holds: the first mount records the object store and chunk size,
    later ones (on any node) take them from there; the state dir remembers
    this node's id, so its pending uploads resume after a restart;
-3. free inodes orphaned by a crash (LMDB: no kernel holds them now; a shared
-   volume leaves that to the collector, which knows who holds what open),
-   drop cache files no metadata references (sealed but never committed);
+3. check the commits not known durable at the last stop (durability.py: a
+   power loss may have taken chunks written within the flush interval; files
+   naming lost chunks are cut short, each reported), free inodes orphaned by
+   a crash (LMDB: no kernel holds them now; a shared volume leaves that to
+   the collector, which knows who holds what open), drop cache files no
+   metadata references (sealed but never committed);
 4. check the object store, so a bad endpoint fails before the mount appears;
 5. mount, then resume pending uploads in the background.
 Shutdown (unmount, SIGTERM, SIGINT) commits every file with buffered writes,
-gives pending uploads a short grace period, then exits; what is still pending
+gives pending uploads a short grace period, makes everything durable (the
+last flush), then exits; what is still pending
 is persisted and resumes at the next start. Nothing waits unbounded on the
 way: requests waiting for a chunk or for cache space are ended (EIO, ENOSPC)
 as soon as the mount is gone or a signal arrives, the last commits wait for
@@ -44,6 +48,7 @@ from .chunks.cache import FD_CACHE_SIZE, ChunkCache
 from .chunks.ledger import ChunkLedger
 from .chunks.content import ContentService
 from .config import CHUNK_SIZE_BYTES, Settings
+from .durability import Durability
 from .errors import MetaUnavailable, UsageError
 from .fs import Operations
 from .fuse_fallocate import FallocateBridge
@@ -63,7 +68,6 @@ STATUS_INTERVAL_SECONDS = 2.0
 #: While requests wait for chunks or space, how often the daemon checks that
 #: its mount is still there (after an unmount it ends those waits).
 UNMOUNT_CHECK_SECONDS = 1.0
-META_SYNC_INTERVAL_SECONDS = 5.0
 #: pyfuse3 serves each request in a task of its own and ends a task that finds
 #: more than `min_tasks` others idle. Its default of 1 makes parallel readers
 #: start and end a task every few requests; idle tasks cost a parked coroutine.
@@ -259,11 +263,16 @@ class Daemon:
             raise UsageError(f"cannot use cache dir {cache_dir}: {exc.strerror}") from None
         self.cache = ChunkCache(cache_dir, s.cache_size_bytes, s.cache_min_free_bytes)
         self.cache.open()
+        # A shared engine's commit is durable and seen by the fleet at once:
+        # there a chunk is fsynced before it (durability.py).
+        self.durability = Durability(self.meta, self.cache, self.calls, deferred=not shared,
+                                     interval_seconds=s.flush_interval_seconds)
         self._recover()
         self.ledger = ChunkLedger(self.cache)
         self.source = ChunkSource(
             self.cache, self.store, wait_timeout_seconds=s.chunk_wait_timeout_seconds,
             space_wait_seconds=s.write_stall_timeout_seconds, ledger=self.ledger,
+            defer_sync=self.durability.deferred,
         )
         self.uploader = Uploader(
             self.meta, self.cache, self.store, self.calls, s.upload_concurrency,
@@ -271,12 +280,13 @@ class Daemon:
         )
         self.source.connect_uploader(self.uploader)
         orphan_grace = s.orphan_grace_seconds if shared else 0.0
-        self.content = ContentService(self.meta, self.source, self.calls, self.uploader.enqueue, s.write_buffer_bytes)
+        self.content = ContentService(self.meta, self.source, self.calls, self.uploader.enqueue, s.write_buffer_bytes,
+                                      durability=self.durability)
         self.ops = Operations(
             self.meta, self.content, self.calls, statfs_path=cache_dir,
             attr_timeout_seconds=s.attr_timeout_seconds, entry_timeout_seconds=s.entry_timeout_seconds,
             fsync_waits_for=self.uploader.wait_for if s.fsync_waits_upload else None,
-            orphan_grace_seconds=orphan_grace,
+            orphan_grace_seconds=orphan_grace, durability=self.durability,
         )
         self.collector = Collector(
             self.meta, self.source, self.calls,
@@ -351,6 +361,9 @@ class Daemon:
         return False
 
     def _recover(self) -> None:
+        # First, while every chunk file is as the last run left it: commits
+        # whose chunks a power loss took are cut back to what is on disk.
+        self.durability.recover(self.store)
         orphans = [] if self.meta.shared else [ino for ino, _ in self.meta.orphans()]
         for ino in orphans:
             self.meta.delete_inode(ino)
@@ -403,7 +416,7 @@ class Daemon:
                 except OSError as exc:
                     raise UsageError(f"cannot listen on --peer-listen {self.settings.peer_listen}: {exc.strerror}") from None
             nursery.start_soon(self._on_signals)
-            nursery.start_soon(self._sync_periodically)
+            await nursery.start(self.durability.run)
             nursery.start_soon(self._tune_kernel)
             nursery.start_soon(self._measure_upload_rate)
             nursery.start_soon(self._end_waits_after_unmount)
@@ -423,6 +436,11 @@ class Daemon:
                 await self.uploader.wait_idle()
             if self.uploader.pending_count:
                 log.warning("uploads still pending at exit; they resume at the next start", extra={"chunks": self.uploader.pending_count})
+            try:
+                await self.durability.flush()
+            except (OSError, MetaUnavailable) as exc:
+                log.error("the last flush failed: files closed in the last interval may not survive a power loss",
+                          extra={"error": str(exc)})
             try:
                 with trio.move_on_after(self.settings.meta_timeout_seconds):
                     await self.sessions.stop()
@@ -531,6 +549,7 @@ class Daemon:
             "peer_members": {str(n): a for n, a in sorted(self.sessions.peers.items())},
             "shares_pending": len(self.ledger.sharing),
             "at_risk_sample": [{"node": n, "chunk": c} for n, c in self.sessions.at_risk[:5]],
+            **self.durability.snapshot(),
         }
 
     async def _control_stats(self, query: dict, body: dict | None) -> dict:
@@ -626,11 +645,6 @@ class Daemon:
                 pyfuse3.terminate()
                 self.source.abort_waits()  # main() returns once no request is left waiting
                 return
-
-    async def _sync_periodically(self) -> None:
-        while True:
-            await trio.sleep(META_SYNC_INTERVAL_SECONDS)
-            await self.calls.in_thread(self.meta.sync)
 
     async def _measure_upload_rate(self) -> None:
         """Upload throughput over the last interval, for `datafs status`."""

@@ -18,6 +18,10 @@ limiter, so no FUSE request waits on the network on the event loop. Work that
 can be large or waits on the disk (content commits, freeing a big file, fsync)
 always runs in a thread.
 
+`close()` makes a file visible and safe from a crash of the daemon; `fsync()`
+makes it safe from a power loss (durability.py: its chunks, then the
+metadata); the rest becomes durable within the flush interval.
+
 Across nodes (a shared engine), the consistency model is close-to-open: an
 `open()` compares the inode's size and mtime with what this node last saw and
 drops the kernel's cached pages when another node changed the file. Names and
@@ -48,6 +52,7 @@ from . import errors, metrics
 from .chunks.content import ContentService, FileContent
 from .config import CHUNK_SIZE_BYTES
 from .meta.calls import MetaCalls
+from .durability import Durability
 from .meta.store import Inode, MetaStore
 
 log = logging.getLogger(__name__)
@@ -167,10 +172,11 @@ class Operations(pyfuse3.Operations):
         statfs_path: Path, attr_timeout_seconds: float, entry_timeout_seconds: float,
         on_inode_deleted: Callable[[], None] = lambda: None,
         fsync_waits_for: Callable[[set[str]], Awaitable[None]] | None = None,
-        orphan_grace_seconds: float = 0.0,
+        orphan_grace_seconds: float = 0.0, durability: Durability | None = None,
     ):
         super().__init__()
         self.meta = meta
+        self.durability = durability
         self.svc = content
         self.calls = calls
         self.orphan_grace_ns = int(orphan_grace_seconds * 1e9)
@@ -502,6 +508,8 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_op
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        # The entries are metadata; the files they name are the journal's
+        # (a power loss may cut those back, never leave a name without its inode).
         await self._in_thread(self.meta.sync)
 
     # ---- files -------------------------------------------------------------------------
@@ -615,7 +623,10 @@ class Operations(pyfuse3.Operations):
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self._handle(fh)
         await self._commit(handle.content)
-        await self._in_thread(self.meta.sync)
+        if self.durability is not None:  # the file's chunks, then the metadata
+            await self.durability.sync_file(handle.ino)
+        else:
+            await self._in_thread(self.meta.sync)
         if self.fsync_waits_for is not None:  # --fsync-waits-upload: durable in the object store too
             chunks = await self._m(self.meta.chunks, handle.ino, 0, 1 << 62)
             await self.fsync_waits_for({ref.chunk_id for ref in chunks.values()})

@@ -1,9 +1,12 @@
 """Background upload of committed chunks, and garbage collection of unreferenced ones.
 
-Durability order: a chunk is in the local cache (fsynced) before the metadata
-commit that references it, and that same commit records it as pending upload.
-So the pending set lives in the metadata store: a crash or restart loses
-nothing, and `Uploader.run` resumes whatever is pending. A pending chunk stays
+Durability order: a chunk is in the local cache before the metadata commit
+that references it (durable before it, or, on the embedded engine, recorded
+in the same commit's journal entry until the flush makes it durable:
+durability.py), and that same commit records it as pending upload. So the
+pending set lives in the metadata store: a crash or restart loses nothing,
+and `Uploader.run` resumes whatever is pending. A store's put is durable when
+it returns, so an uploaded chunk's cache file is owed no sync any more. A pending chunk stays
 pinned in the cache until the store has it. Uploads never give up on a
 committed chunk: temporary and permanent failures alike are retried with capped
 exponential backoff and jitter, and reported in logs, metrics and `status`.

@@ -19,6 +19,7 @@ from datafs.chunks import chunk_id
 from datafs.chunks.cache import ChunkCache
 from datafs.chunks.content import ContentService
 from datafs.config import CHUNK_SIZE_BYTES as C
+from datafs.durability import Durability
 from datafs.errors import ChunkMissing, StoreError
 from datafs.fs import FALLOC_FL_KEEP_SIZE as KEEP, FALLOC_FL_PUNCH_HOLE as PUNCH, FALLOC_FL_ZERO_RANGE as ZERO, Operations
 from datafs.meta.calls import MetaCalls
@@ -68,23 +69,31 @@ class Ctx:
 
 
 class Stack:
-    def __init__(self, tmp: Path, nursery: trio.Nursery, wait_timeout: float = 5.0, cache_limit: int = 1 << 40):
-        self.meta = MetaStore(open_kv("memory://"))
-        self.meta.init_root()
+    """`durable_later`: chunks are written without fsync and made durable by
+    flushes (the embedded engine's way, durability.py); else fsynced at once."""
+
+    def __init__(self, tmp: Path, nursery: trio.Nursery, wait_timeout: float = 5.0, cache_limit: int = 1 << 40,
+                 meta: MetaStore | None = None, durable_later: bool = False):
+        if meta is None:
+            meta = MetaStore(open_kv("memory://"))
+            meta.init_root()
+        self.meta = meta
         self.store = FaultyStore(tmp / "store")
         self.store.check()
         self.cache = ChunkCache(tmp / "cache", cache_limit, 0)
         self.cache.open()
         calls = MetaCalls()
-        self.source = ChunkSource(self.cache, self.store, wait_timeout_seconds=wait_timeout)
+        self.durability = Durability(self.meta, self.cache, calls, deferred=durable_later, interval_seconds=3600)
+        self.source = ChunkSource(self.cache, self.store, wait_timeout_seconds=wait_timeout, defer_sync=durable_later)
         self.uploader = Uploader(self.meta, self.cache, self.store, calls, concurrency=4, ledger=self.source.ledger)
         self.source.connect_uploader(self.uploader)
         self.collector = Collector(self.meta, self.source, calls, interval_seconds=3600)
-        self.svc = ContentService(self.meta, self.source, calls, self.uploader.enqueue, 64 << 20)
+        self.svc = ContentService(self.meta, self.source, calls, self.uploader.enqueue, 64 << 20,
+                                  durability=self.durability)
         self.svc.nursery = nursery
         self.ops = Operations(
             self.meta, self.svc, calls, statfs_path=tmp, attr_timeout_seconds=1, entry_timeout_seconds=1,
-            on_inode_deleted=self.collector.wake,
+            on_inode_deleted=self.collector.wake, durability=self.durability,
         )
 
     async def write_file(self, name: bytes, data: bytes) -> int:

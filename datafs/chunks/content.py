@@ -19,7 +19,11 @@ on this node sees writes at once (O_APPEND and the kernel's size cache rely
 on it). `commit()` (on flush, fsync, release, truncate) seals what is left,
 then records the new chunk list and size in one metadata transaction: from then
 on the content survives a crash of the daemon, and the committed version is
-always one complete state of the file.
+always one complete state of the file. On the embedded engine that commit
+also records which of its chunks are not durable yet (durability.py's
+journal), so a power loss can cut the file back but never leave it naming
+bytes that are not on disk; a small commit runs on the event loop (it touches
+no disk: LMDB is not synced per transaction), a large one in a thread.
 
 Writing a chunk touches the disk once: a buffer that fills up is sealed into the
 cache under its hash at once (no staging file, no copy), and a random write into
@@ -43,7 +47,7 @@ import collections
 import errno
 import logging
 import time
-from typing import Callable, NoReturn, Union
+from typing import TYPE_CHECKING, Callable, NoReturn, Union
 
 import trio
 
@@ -53,6 +57,9 @@ from . import ZERO_CHUNK
 from ..meta.calls import MetaCalls
 from ..meta.store import ChunkRef, Inode, MetaStore
 from ..tiers.chain import ChunkSource
+
+if TYPE_CHECKING:
+    from ..durability import Durability
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +171,12 @@ class ContentService:
     def __init__(
         self, meta: MetaStore, source: ChunkSource, calls: MetaCalls,
         on_committed: Callable[[list[str], dict[str, int]], None], write_buffer_bytes: int,
+        durability: "Durability | None" = None,
     ):
         self.meta = meta
         self.source = source
         self.calls = calls
+        self.durability = durability
         self.on_committed = on_committed
         self.max_buffers = max(2, write_buffer_bytes // C)
         self.buffers = 0
@@ -579,9 +588,12 @@ class FileContent:
                     changes[index] = entry  # type: ignore[assignment]
                 drop_from = None if self.cut is None else (self.cut + C - 1) // C
                 mtime_ns = self.mtime_ns or time.time_ns()
+                journal = None
+                if self.svc.durability is not None:
+                    journal = self.svc.durability.journal(r.chunk_id for r in changes.values() if r is not None)
                 recorded = True
                 new_chunks, self.committed = await self.svc.calls.in_thread(
-                    self.svc.meta.commit_content, self.ino, self.size, changes, mtime_ns, drop_from,
+                    self.svc.meta.commit_content, self.ino, self.size, changes, mtime_ns, drop_from, journal,
                 )
             except Exception as exc:
                 if recorded and isinstance(exc, errors.MetaUnavailable):

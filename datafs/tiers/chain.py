@@ -24,7 +24,9 @@ requests to the store in flight instead of one.
 
 Sealing is the write side: hash a buffer, hold the id in the ledger (so the
 collector does not delete it before the metadata commit, and the cache does
-not evict the only copy), store it, and hand it to the uploader at once: chunks
+not evict the only copy), store it (fsynced first, or, with `defer_sync` on
+the embedded engine, owed a sync that durability.py pays within the flush
+interval), and hand it to the uploader at once: chunks
 are immutable, so they can go to the object store while the file is still
 being written. Once the store has a sealed chunk its pin goes, so a file
 larger than the cache can be written while uploads keep up; the hold stays
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import random
 import time
@@ -93,8 +96,11 @@ class ChunkSource:
         self, cache: ChunkCache, store: ObjectStore, *,
         wait_timeout_seconds: float = 300.0, fetch_concurrency: int = FETCH_CONCURRENCY, disk_concurrency: int = 8,
         prefetch_chunks: int = 16, space_wait_seconds: float = 60.0, ledger: ChunkLedger | None = None,
+        defer_sync: bool = False,
     ):
         self.cache = cache
+        # New chunks are written without fsync and owed a sync (durability.py).
+        self.defer_sync = defer_sync
         self.store = store
         self.wait_timeout_seconds = wait_timeout_seconds
         self.disk_limiter = trio.CapacityLimiter(disk_concurrency)
@@ -388,7 +394,9 @@ class ChunkSource:
         stalled = False
         while True:
             try:
-                if await trio.to_thread.run_sync(self.cache.put, chunk, data, limiter=self.disk_limiter):
+                if await trio.to_thread.run_sync(
+                    functools.partial(self.cache.put, chunk, data, defer_sync=self.defer_sync), limiter=self.disk_limiter,
+                ):
                     return
             except OSError as exc:  # the disk under the cache is full
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
