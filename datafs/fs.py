@@ -15,8 +15,8 @@ reads and small write transactions take microseconds, while a hop to a worker
 thread costs ~90 us and halved file-creation throughput when measured); on a
 remote engine every call runs in a worker thread behind the engine's own
 limiter, so no FUSE request waits on the network on the event loop. Work that
-can be large or waits on the disk (content commits, freeing a big file, fsync)
-always runs in a thread.
+can be large or waits on the disk (large content commits, freeing a big file,
+fsync) always runs in a thread.
 
 `close()` makes a file visible and safe from a crash of the daemon; `fsync()`
 makes it safe from a power loss (durability.py: its chunks, then the

@@ -289,6 +289,13 @@ class Uploader:
                 self._publish()
                 self._signal_progress()
 
+    def _verified_put(self, chunk: str, path) -> bool:
+        """Put the cache file in the store if it holds its chunk (worker thread)."""
+        if not self.cache.verify(chunk):
+            return False
+        self.store.put_file(chunk, path)
+        return True
+
     async def _upload(self, chunk: str, keep_trying: Callable[[], bool] = lambda: True) -> bool:
         """Put one chunk in the store (unless it is there) and mark it uploaded.
         Retries until it succeeds or `keep_trying()` says to stop; returns success."""
@@ -306,12 +313,12 @@ class Uploader:
                 if size < CHECK_BEFORE_PUT_MIN_BYTES or not await trio.to_thread.run_sync(
                     self.store.exists, chunk, limiter=self.limiter,
                 ):
-                    if not await trio.to_thread.run_sync(self.cache.verify, chunk, limiter=self.limiter):
+                    # One thread hop for both: a small chunk's upload is mostly hops.
+                    if not await trio.to_thread.run_sync(self._verified_put, chunk, path, limiter=self.limiter):
                         raise errors.StoreError(
                             f"the cache file of chunk {chunk} is missing or damaged and the object store does not have it",
                             temporary=False,
                         )
-                    await trio.to_thread.run_sync(self.store.put_file, chunk, path, limiter=self.limiter)
                     metrics.UPLOAD_BYTES.inc(size)
                     self.uploaded_bytes += size
                 if token is not None:  # an early upload usually is not pending yet: no write

@@ -79,6 +79,9 @@ FAILED_READ_MEMORY_SECONDS = 1.0
 #: ahead waits for the oldest (that is where it feels a full cache). As many
 #: as the disk threads that seal them.
 SEALS_AHEAD = 8
+#: A commit that changes or drops at most this many chunk entries runs inline
+#: on a local engine (tens of microseconds), a larger one in a worker thread.
+INLINE_COMMIT_MAX_CHUNKS = 64
 
 
 class _Buffer:
@@ -591,8 +594,10 @@ class FileContent:
                 journal = None
                 if self.svc.durability is not None:
                     journal = self.svc.durability.journal(r.chunk_id for r in changes.values() if r is not None)
+                dropped = 0 if drop_from is None else max(0, (self.committed_size + C - 1) // C - drop_from)
+                call = self.svc.calls if len(changes) + dropped <= INLINE_COMMIT_MAX_CHUNKS else self.svc.calls.in_thread
                 recorded = True
-                new_chunks, self.committed = await self.svc.calls.in_thread(
+                new_chunks, self.committed = await call(
                     self.svc.meta.commit_content, self.ino, self.size, changes, mtime_ns, drop_from, journal,
                 )
             except Exception as exc:

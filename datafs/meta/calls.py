@@ -5,8 +5,8 @@ run inline, since a hop to a worker thread costs more than the call. A remote
 engine (PostgreSQL) waits on the network: every call runs in a worker thread
 behind a limiter of its own (as many as the engine has connections), so one
 slow transaction never stalls FUSE requests served from the cache. Large or
-disk-bound calls (content commits, freeing big files, fsync) always go to a
-thread.
+disk-bound calls (large content commits, freeing big files, fsync) always go
+to a thread.
 
 Every threaded call is bounded: the engine enforces its own deadline, and a
 call still stuck past it (a socket that hangs) is abandoned and fails with
