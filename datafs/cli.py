@@ -354,7 +354,7 @@ def cmd_status(args: SimpleNamespace) -> int:
     if st.get("cache_pinned_bytes"):
         cache += f", {_format_bytes(st['cache_pinned_bytes'])} only here (not in the object store yet)"
     print(f"local cache:      {cache}")
-    if "not_durable_chunks" in st:
+    if "not_durable_chunks" in st and not st.get("shared"):  # a shared engine's close() is durable
         print(f"not durable yet:  {st['not_durable_chunks']} chunks, {_format_bytes(st['not_durable_bytes'])}"
               " (flushed within the flush interval, or at fsync)")
     if st.get("damaged_at_start"):

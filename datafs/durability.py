@@ -103,9 +103,10 @@ class Durability:
 
     # ---- making things durable -------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """The flusher: every interval, make everything written so far durable."""
+        """The flusher: every interval, make everything written so far durable.
+        Nothing to do on a shared engine: its commits are durable already."""
         task_status.started()
-        while True:
+        while self.deferred:
             await trio.sleep(self.interval_seconds)
             try:
                 await self.flush()
@@ -123,8 +124,8 @@ class Durability:
         commits of other files it covers are in the journal, so a power loss
         can only cut those back, never this one)."""
         owed = {}
-        if self.deferred and self.cache.unsynced():
-            chunks = await self.calls(self.meta.chunks, ino)
+        if self.deferred and self.cache.owes_syncs():
+            chunks = await self.calls.in_thread(self.meta.chunks, ino)  # a large file has many
             owed = {ref.chunk_id: ref.length for ref in chunks.values() if self.cache.is_unsynced(ref.chunk_id)}
         await self._sync(owed, "fsync")
 

@@ -294,6 +294,10 @@ class ChunkCache:
         with self._lock:
             return chunk_id in self._unsynced
 
+    def owes_syncs(self) -> bool:
+        with self._lock:
+            return bool(self._unsynced)
+
     def unsynced(self) -> dict[str, int]:
         """Chunks owed a sync now, with their sizes."""
         with self._lock:
