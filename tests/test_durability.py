@@ -248,7 +248,7 @@ def test_fsync_and_the_flush_interval_make_closed_files_durable(mount_factory, t
 def test_a_power_loss_after_sigkill_cuts_back_what_was_not_durable(mount_factory, tmp_path: Path):
     faults = tmp_path / "faults.json"
     write_spec(faults, down=True, ops=["put"])  # nothing reaches the store: the cache has the only copies
-    m = mount_factory(extra_args=["--flush-interval", "3600", "--log-level", "info"],
+    m = mount_factory(extra_args=["--flush-interval", "3600"],
                       env={"DATAFS_FAULTS": str(faults), "DATAFS_UPLOAD_RETRY_MAX": "0.5"})
     files = {"synced": os.urandom(C + 3), "kept": os.urandom(C + 1000), "cut": os.urandom(2 * C + 5),
              "gone": os.urandom(3000)}

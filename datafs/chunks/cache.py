@@ -66,8 +66,19 @@ FD_CACHE_SIZE = 1024
 #: fsync() keep to their own files: a busy neighbour cannot slow them.
 SYNCFS_MIN_CHUNKS = 8
 
+#: A chunk written without fsync at least this large has its writeback
+#: started at once (sync_file_range(2), which does not wait): a large file's
+#: bytes then go to the disk while it is still being written, as they did
+#: when each chunk was fsynced, and its fsync() or the next flush finds them
+#: there. Smaller chunks are left to the flush, which writes them in a batch.
+WRITE_BEHIND_MIN_BYTES = 1 << 20
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _syncfs = getattr(_libc, "syncfs", None)
+_sync_file_range = getattr(_libc, "sync_file_range", None)
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_SYNC_FILE_RANGE_WRITE = 2
 
 
 def syncfs(path: Path) -> None:
@@ -238,6 +249,8 @@ class ChunkCache:
                     view = view[os.write(fd, view):]
                 if durable and not defer_sync:
                     os.fsync(fd)
+                elif durable and size >= WRITE_BEHIND_MIN_BYTES and _sync_file_range is not None:
+                    _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # a hint: its result does not matter
             except BaseException:
                 os.close(fd)
                 tmp.unlink(missing_ok=True)
@@ -303,17 +316,18 @@ class ChunkCache:
         with self._lock:
             return {chunk: size for chunk, (size, _) in self._unsynced.items()}
 
-    def sync(self, chunk_ids: Iterable[str]) -> tuple[int, int]:
+    def sync(self, chunk_ids: Iterable[str], whole_filesystem: bool = True) -> tuple[int, int]:
         """Make the files of these chunks (those in the cache) durable, whether
         or not they are owed a sync (at start nothing is known to be): an
-        fsync of each file and of their directories, or one syncfs(2) for a
-        large batch. Returns (chunks, bytes) that were owed and are paid now.
-        A write error raises OSError; what it covered stays owed."""
+        fsync of each file and of their directories, or, for a large batch
+        and if `whole_filesystem` allows, one syncfs(2). Returns (chunks,
+        bytes) that were owed and are paid now. A write error raises
+        OSError; what it covered stays owed."""
         with self._lock:
             wanted = {chunk: self._unsynced.get(chunk) for chunk in chunk_ids if chunk in self._lru}
         if not wanted:
             return 0, 0
-        if len(wanted) >= SYNCFS_MIN_CHUNKS and _syncfs is not None:
+        if whole_filesystem and len(wanted) >= SYNCFS_MIN_CHUNKS and _syncfs is not None:
             syncfs(self.root)
         else:
             directories = set()
