@@ -295,6 +295,9 @@ class Daemon:
             held_open=lambda ino: ino in self.ops.open_count or ino in self.ops.lookups,
         )
         self.ops.on_inode_deleted = self.collector.wake
+        if not shared:  # nobody else reads this node's chunks: small uploads yield to requests (upload.py)
+            self.uploader.idle_seconds = self.ops.idle_seconds
+            self.uploader.yield_max_seconds = s.flush_interval_seconds
         self.collector.on_inode_deleted = self.collector.wake
         self.fallocate = FallocateBridge(self.ops.fallocate)
         self.peer_tier = self.peer_server = None

@@ -70,7 +70,7 @@ def _fuse_op(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(func)
     async def wrapper(self: "Operations", *args: Any) -> Any:
-        started = time.monotonic()
+        started = self.last_request = time.monotonic()
         result = "ok"
         try:
             return await func(self, *args)
@@ -185,6 +185,7 @@ class Operations(pyfuse3.Operations):
         self.entry_timeout = entry_timeout_seconds
         self.on_inode_deleted = on_inode_deleted
         self.fsync_waits_for = fsync_waits_for
+        self.last_request = 0.0  # time.monotonic() of the last request (background work yields to them)
         self.lookups: collections.Counter[int] = collections.Counter()
         self.open_count: collections.Counter[int] = collections.Counter()
         self.contents: dict[int, FileContent] = {}
@@ -208,6 +209,10 @@ class Operations(pyfuse3.Operations):
         self._kernel_limiter = trio.CapacityLimiter(2)  # threads that call into the kernel (invalidations)
         # (size, mtime) of each inode as this node last opened or wrote it.
         self.seen: collections.OrderedDict[int, tuple[int, int]] = collections.OrderedDict()
+
+    def idle_seconds(self) -> float:
+        """Seconds since the last request began."""
+        return time.monotonic() - self.last_request
 
     # ---- helpers -----------------------------------------------------------------
     async def _m(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -33,6 +33,16 @@ node. A chunk is marked uploaded only if its pending token is the one read
 before the upload began: a deletion that raced with the upload (below) changes
 the token, and the upload runs again.
 
+On the embedded engine no other node reads this node's chunks, so an upload
+that costs CPU more than bandwidth (a chunk under 1 MiB: the request's own
+overhead, ~1.5 ms of boto3 and as much of the server on one machine, is most
+of it) yields to FUSE requests: it waits while requests keep coming, at most
+`yield_max_seconds` (the flush interval), so a burst of small files is not
+slowed by their uploads, which follow right after. Measured here, 2,000 x
+16 KiB files into a SeaweedFS-backed mount on 2 cores: 3.3-3.7 s with the
+uploads waiting, 10.5-13.3 s with them competing. `datafs sync`, an fsync
+with --fsync-waits-upload, and unmount do not wait.
+
 The collector deletes chunks whose reference count fell to zero, after a grace
 period on a shared volume (another node may be about to commit the same bytes,
 sealed before the count fell). It claims a chunk (DELETING) in one
@@ -74,6 +84,9 @@ CHECK_BEFORE_PUT_MIN_BYTES = 1 << 20
 #: one transaction per batch instead of one per chunk (on a shared engine each
 #: is a round trip that can also conflict with the namespace's transactions).
 MARK_BATCH_SECONDS = 0.05
+#: Requests this far apart are a pause a yielding upload may run in.
+YIELD_PAUSE_SECONDS = 0.2
+YIELD_POLL_SECONDS = 0.05
 
 
 class Uploader:
@@ -98,6 +111,11 @@ class Uploader:
         self._retry_now = trio.Event()
         self.failing: dict[str, str] = {}
         self.uploaded_bytes = 0
+        # Yielding to requests (see the module doc): seconds since the last
+        # FUSE request, and the longest a small upload waits for a pause.
+        self.idle_seconds: Callable[[], float] | None = None
+        self.yield_max_seconds = 0.0
+        self._awaited: collections.Counter[str] = collections.Counter()  # chunks someone waits for
         self._early: dict[str, tuple[trio.Event, trio.CancelScope]] = {}  # early uploads in flight
         self._marks: list[tuple[str, bytes, trio.Event, list]] = []
         self._mark_wake = trio.Event()
@@ -204,8 +222,26 @@ class Uploader:
 
     async def wait_for(self, chunk_ids: set[str]) -> None:
         """Return once none of `chunk_ids` is pending (fsync with upload wait)."""
-        while chunk_ids & self._queued.keys():
-            await self._progress.wait()
+        self._awaited.update(chunk_ids)
+        try:
+            while chunk_ids & self._queued.keys():
+                await self._progress.wait()
+        finally:
+            self._awaited.subtract(chunk_ids)
+            self._awaited += collections.Counter()  # drop the zeros
+
+    async def _yield_to_requests(self, chunk: str) -> None:
+        """A small chunk's upload waits for a pause in FUSE requests, at most
+        `yield_max_seconds`; `retry_now` (datafs sync) and a waiter end it."""
+        if self.idle_seconds is None or self.yield_max_seconds <= 0:
+            return
+        if self._queued.get(chunk, (0, 0))[0] >= CHECK_BEFORE_PUT_MIN_BYTES:
+            return  # bandwidth-bound: it starts at once
+        hurry = self._retry_now
+        with trio.move_on_after(self.yield_max_seconds):
+            while self.idle_seconds() < YIELD_PAUSE_SECONDS and chunk not in self._awaited and not hurry.is_set():
+                with trio.move_on_after(YIELD_POLL_SECONDS):
+                    await hurry.wait()
 
     def _oldest_pending_seconds(self) -> float:
         """For the gauge, read by the metrics server's thread while the event
@@ -283,6 +319,7 @@ class Uploader:
                 early = self._early.get(chunk)
                 if early is not None:  # let it finish: then the store has it, or it stops retrying
                     await early[0].wait()
+                await self._yield_to_requests(chunk)
                 await self._upload(chunk)
                 self._dequeue(chunk)
                 self.ledger.stored(chunk, pending=True)

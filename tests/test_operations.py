@@ -581,3 +581,37 @@ async def test_fetch_returns_once_the_chunk_is_cached_even_behind_a_reader(stack
             nursery.start_soon(waiter)
             nursery.start_soon(second_reader)
     assert order == ["read", True]
+
+
+async def test_small_uploads_wait_for_a_pause_in_requests_and_no_longer(stack):
+    """Embedded engine: a small chunk's upload (CPU-bound) yields to requests,
+    for at most its bound; datafs sync (retry_now) and a pause end the wait,
+    and a large chunk never waits."""
+    stack.uploader.idle_seconds = lambda: 0.0  # requests keep coming
+    stack.uploader.yield_max_seconds = 30
+    small, large = os.urandom(2000), os.urandom(3 << 19)
+    await stack.write_file(b"small", small)
+    await stack.write_file(b"large", large)
+    with trio.fail_after(5):
+        while not stack.store.exists(chunk_id(large)):
+            await trio.sleep(0.02)
+    assert not stack.store.exists(chunk_id(small))
+    stack.uploader.retry_now()  # datafs sync
+    with trio.fail_after(5):
+        await stack.uploader.wait_idle()
+
+    paused = os.urandom(3000)
+    await stack.write_file(b"paused", paused)
+    await trio.sleep(0.2)
+    assert not stack.store.exists(chunk_id(paused))
+    stack.uploader.idle_seconds = lambda: 1.0  # a pause
+    with trio.fail_after(5):
+        await stack.uploader.wait_idle()
+
+    stack.uploader.idle_seconds = lambda: 0.0
+    stack.uploader.yield_max_seconds = 0.3  # the bound: uploaded though requests never stop
+    bounded = os.urandom(4000)
+    await stack.write_file(b"bounded", bounded)
+    with trio.fail_after(5):
+        await stack.uploader.wait_idle()
+    assert stack.store.exists(chunk_id(bounded))
