@@ -51,8 +51,8 @@ import trio
 from . import errors, metrics
 from .chunks.content import ContentService, FileContent
 from .config import CHUNK_SIZE_BYTES
-from .meta.calls import MetaCalls
 from .durability import Durability
+from .meta.calls import MetaCalls
 from .meta.store import Inode, MetaStore
 
 log = logging.getLogger(__name__)

@@ -174,7 +174,7 @@ class ContentService:
     def __init__(
         self, meta: MetaStore, source: ChunkSource, calls: MetaCalls,
         on_committed: Callable[[list[str], dict[str, int]], None], write_buffer_bytes: int,
-        durability: "Durability | None" = None,
+        durability: Durability | None = None,
     ):
         self.meta = meta
         self.source = source
