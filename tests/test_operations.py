@@ -452,31 +452,50 @@ async def test_chunk_evicted_after_an_early_upload_still_completes_its_commit(st
     assert await stack.read_file(attrs.st_ino) == data
 
 
-async def test_a_read_racing_a_finishing_fetch_does_not_fetch_the_chunk_again(stack):
-    """A reader misses the cache, and before it goes on to fetch, another
-    fetch of the same chunk (a prefetch) finishes and caches it: the reader
-    must take the cached copy, not GET the chunk a second time."""
+async def test_readers_around_a_fetch_share_its_single_get(stack):
+    """Readers that arrive while a fetch of their chunk is in flight, and one
+    that arrives the moment it has finished (its bytes handed over, the cache
+    write still going), all take that fetch's bytes: one GET in all."""
     data = os.urandom(C)
     ino = await stack.write_file(b"f", data)
     await stack.uploader.wait_idle()
     stack.evict_all()
     (ref,) = stack.meta.chunks(ino, 0, 1 << 62).values()
-    gets = []
-    real_get, real_read = stack.store.get, stack.cache.read
+    gets, in_get, release_get = [], threading.Event(), threading.Event()
+    putting, release_put = threading.Event(), threading.Event()
+    real_get, real_put = stack.store.get, stack.cache.put
 
-    def counting_get(chunk):
+    def slow_get(chunk):
         gets.append(chunk)
+        in_get.set()
+        release_get.wait(10)
         return real_get(chunk)
 
-    def racing_read(chunk, offset, size):
-        out = real_read(chunk, offset, size)
-        if not gets:  # the first miss: another reader's fetch completes meanwhile
-            trio.from_thread.run(stack.source.fetch, ref)
-        return out
+    def slow_put(*args, **kwargs):
+        putting.set()
+        release_put.wait(10)
+        return real_put(*args, **kwargs)
 
-    stack.store.get, stack.cache.read = counting_get, racing_read
-    assert await stack.source.read(ref, 0, 1 << 20) == data[:1 << 20]
+    stack.store.get, stack.cache.put = slow_get, slow_put
+    got = []
+
+    async def read(offset):
+        got.append(await stack.source.read(ref, offset, 4096) == data[offset:offset + 4096])
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read, 0)
+            await trio.to_thread.run_sync(in_get.wait, 10)
+            for offset in (4096, 8192):  # while the GET is in flight
+                nursery.start_soon(read, offset)
+            await trio.testing.wait_all_tasks_blocked()
+            release_get.set()
+            await trio.to_thread.run_sync(putting.wait, 10)
+            await read(1 << 20)  # after the bytes, before the cache has them
+            release_put.set()
+    assert got == [True] * 4
     assert gets == [ref.chunk_id]
+    assert ref.chunk_id in stack.cache
 
 
 async def test_read_only_open_and_close_records_nothing(stack, monkeypatch):
