@@ -452,6 +452,20 @@ async def test_chunk_evicted_after_an_early_upload_still_completes_its_commit(st
     assert await stack.read_file(attrs.st_ino) == data
 
 
+async def test_a_whole_request_in_memory_is_served_without_a_thread(stack, monkeypatch):
+    """Once a chunk file is open and its pages are in memory, reads up to the
+    largest request the kernel sends (1 MiB) are answered on the event loop:
+    no worker thread, whose hop costs more than the copy."""
+    data = os.urandom(C)
+    ino = await stack.write_file(b"f", data)
+    (ref,) = stack.meta.chunks(ino, 0, 1 << 62).values()
+    assert await stack.source.read(ref, 0, 4096) == data[:4096]  # opens it
+    stack.cache.read_ahead(ref.chunk_id)
+    monkeypatch.setattr(stack.cache, "read", lambda *args: pytest.fail("read through a worker thread"))
+    for offset in (1 << 20, 3 << 20):
+        assert await stack.source.read(ref, offset, 1 << 20) == data[offset:offset + (1 << 20)]
+
+
 async def test_readers_around_a_fetch_share_its_single_get(stack):
     """Readers that arrive while a fetch of their chunk is in flight, and one
     that arrives the moment it has finished (its bytes handed over, the cache

@@ -380,10 +380,11 @@ class ChunkCache:
             self._forget_descriptor(chunk_id, handle)
         return None
 
-    def read_resident(self, chunk_id: str, offset: int, size: int) -> bytes | None:
+    def read_resident(self, chunk_id: str, offset: int, size: int) -> bytearray | None:
         """The bytes if the chunk is open and they are in memory now (RWF_NOWAIT),
         else None: never waits for the disk, so it can run on the event loop and
-        spare small reads the hop to a worker thread."""
+        spare reads the hop to a worker thread. The array read into is returned
+        as it is: pyfuse3 replies from any buffer, so a 1 MiB read costs one copy."""
         with self._lock:
             handle = self._fds.get(chunk_id)
             if handle is None:
@@ -402,7 +403,7 @@ class ChunkCache:
                 if handle.read_ahead_due():
                     handle.advised = 0
                 return None
-            return bytes(buf) if got == size else None
+            return buf if got == size else None
         finally:
             self._done(handle)
 

@@ -60,10 +60,13 @@ from .store import ObjectStore
 
 log = logging.getLogger(__name__)
 
-#: Reads up to this size are first tried on the event loop from memory (no
-#: thread hop, which costs more than the copy); larger ones go to a worker
-#: thread, where the copy runs beside the loop instead of blocking it.
-INLINE_READ_MAX_BYTES = 128 << 10
+#: Reads up to this size (the largest request the kernel sends) are first
+#: tried on the event loop from memory: the thread hop costs more than the
+#: copy. A sequential reader of the local cache, whose chunk files are read
+#: ahead whole, is then served without hops (measured, fio 4 MiB reads of a
+#: cached 256 MiB file, page cache dropped: 850-1,060 MiB/s with only reads up
+#: to 128 KiB served this way, 900-1,410 with every read up to 1 MiB).
+INLINE_READ_MAX_BYTES = 1 << 20
 #: Chunks fetched from the tiers below the cache at once. Each reader of a
 #: cold small file waits on a GET of its own, and the wait is mostly the
 #: store's latency: 32 parallel readers of 2,000 x 16 KiB files read from
@@ -183,13 +186,13 @@ class ChunkSource:
         """The deadline of a read that starts now (trio time)."""
         return trio.current_time() + self.wait_timeout_seconds
 
-    async def read(self, ref: ChunkRef, offset: int, size: int, deadline: float | None = None) -> bytes:
+    async def read(self, ref: ChunkRef, offset: int, size: int, deadline: float | None = None) -> bytes | bytearray:
         """Bytes [offset, offset+size) of a chunk (shorter if the chunk is);
         EIO if the chunk cannot be had by `deadline` (default: the chunk wait)."""
         end = min(offset + size, ref.length)
         if offset >= end:
             return b""
-        data = None
+        data: bytes | bytearray | None = None
         if end - offset <= INLINE_READ_MAX_BYTES:
             data = self.cache.read_resident(ref.chunk_id, offset, end - offset)
         # No thread hop just to learn it is not here; and with no await
