@@ -9,6 +9,7 @@ exceptions: nothing else here is mocked.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -348,3 +349,32 @@ def test_seaweed_stop_is_idempotent(tmp_path: Path) -> None:
     assert not _leftover_sockets(LAUNCHER_TEST_BASE_PORT)
     server.stop()
     server.stop(grace_seconds=0)
+
+
+class _Sent(Exception):
+    """Raised instead of sending: the request as it would have gone out."""
+
+
+@pytest.mark.parametrize("endpoint, signed", [("https://s3.example.invalid", False), ("http://127.0.0.1:9", True)])
+def test_put_bodies_are_signed_only_without_tls(endpoint: str, signed: bool, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over TLS a PUT's body goes unsigned (TLS protects it; hashing 4 MiB
+    costs milliseconds of CPU per chunk); over plain HTTP its SHA-256 is in
+    the signature."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "K")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "S")
+    store = S3Store("bucket", "prefix", endpoint_url=endpoint, region="us-east-1")
+    sent = []
+
+    def capture(request, **kwargs):
+        sent.append(request.headers["x-amz-content-sha256"].decode())
+        raise _Sent()
+
+    store._client.meta.events.register("before-send.s3.PutObject", capture)
+    data = os.urandom(1 << 20)
+    path = tmp_path / "chunk"
+    path.write_bytes(data)
+    with pytest.raises(_Sent):
+        store.put_file(blake3.blake3(data).hexdigest(), path)
+    expected = hashlib.sha256(data).hexdigest() if signed else "UNSIGNED-PAYLOAD"
+    assert sent == [expected]
