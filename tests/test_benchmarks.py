@@ -363,8 +363,10 @@ def test_tiny_run_writes_every_row_table_and_chart(tmp_path):
 def test_interrupted_run_stops_and_removes_everything(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     work.mkdir()
+    # Ctrl-C as a terminal delivers it: a test run started in the background
+    # of a shell inherits SIGINT ignored, and Python then leaves it ignored.
     proc = subprocess.Popen(_command(out, work, _peers()), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=REPO)
+                            text=True, cwd=REPO, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
     try:
