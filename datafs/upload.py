@@ -87,6 +87,9 @@ MARK_BATCH_SECONDS = 0.05
 #: Requests this far apart are a pause a yielding upload may run in.
 YIELD_PAUSE_SECONDS = 0.2
 YIELD_POLL_SECONDS = 0.05
+#: Garbage a collector pass had to leave (pinned until its upload ends, or
+#: held by a writer) is looked at again this soon.
+GARBAGE_IN_USE_RECHECK_SECONDS = 1.0
 
 
 class Uploader:
@@ -401,6 +404,7 @@ class Collector:
         self.held_open = held_open
         self.on_inode_deleted = on_inode_deleted
         self._wake = trio.Event()
+        self._in_use = 0  # garbage the last pass left because it was held, pinned or being deleted
 
     def wake(self) -> None:
         self._wake.set()
@@ -414,7 +418,9 @@ class Collector:
                 await self.collect()
             except errors.MetaUnavailable as exc:
                 log.warning("garbage collection skipped: metadata engine unavailable", extra={"error": str(exc)})
-            with trio.move_on_after(self.interval_seconds):
+            # Garbage still pinned (its upload, queued before the delete, has
+            # not finished) is looked at again soon, not a whole interval later.
+            with trio.move_on_after(GARBAGE_IN_USE_RECHECK_SECONDS if self._in_use else self.interval_seconds):
                 await self._wake.wait()
             self._wake = trio.Event()
 
@@ -435,8 +441,10 @@ class Collector:
         deleted = 0
         cache, store = self.source.cache, self.source.store
         ledger = self.source.ledger
+        self._in_use = 0
         for chunk in await self.calls.in_thread(self.meta.garbage, 1024, self.grace_ns):
             if ledger.in_use(chunk):
+                self._in_use += 1
                 continue
             with ledger.deleting(chunk):
                 try:

@@ -308,6 +308,33 @@ async def test_uploader_resumes_pending_after_restart(tmp_path, nursery):
     assert s.store.exists(chunk_id(data))
 
 
+async def test_garbage_left_pinned_by_its_upload_is_collected_when_the_upload_ends(stack, nursery, monkeypatch):
+    """A file deleted while its chunks are still uploading: the collector's
+    pass at the delete must leave them (pinned until the store has them), and
+    looks again soon after, not a whole interval (an hour here) later."""
+    uploading, release = threading.Event(), threading.Event()
+    put = stack.store.put_file
+
+    def slow_put(chunk, path):
+        uploading.set()
+        release.wait(10)
+        return put(chunk, path)
+
+    monkeypatch.setattr(stack.store, "put_file", slow_put)
+    await nursery.start(stack.collector.run)
+    data = os.urandom(C + 9)
+    ino = await stack.write_file(b"f", data)
+    await trio.to_thread.run_sync(uploading.wait, 10)
+    await stack.ops.unlink(ROOT_INODE, b"f", Ctx())
+    stack.ops.forget([(ino, 1)])
+    await trio.testing.wait_all_tasks_blocked()
+    assert set(stack.cache.ids()) == {chunk_id(data[:C]), chunk_id(data[C:])}  # pinned: left alone
+    release.set()
+    with trio.fail_after(10):
+        while stack.cache.ids():
+            await trio.sleep(0.05)
+
+
 async def test_unlinked_open_file_stays_usable_then_is_collected(stack):
     data = os.urandom(C + 9)
     ino = await stack.write_file(b"f", data)
