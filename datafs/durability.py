@@ -240,10 +240,10 @@ class Durability:
 
     # ---- status ------------------------------------------------------------------------
     def snapshot(self) -> dict:
-        owed = self.cache.unsynced()
+        chunks, size = self.cache.owed()
         return {
-            "not_durable_chunks": len(owed),
-            "not_durable_bytes": sum(owed.values()),
+            "not_durable_chunks": chunks,
+            "not_durable_bytes": size,
             "durable_point": self.durable_point,
             "last_commit": self._next_seq - 1,
             "damaged_at_start": len(self.damaged_at_start),

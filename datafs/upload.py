@@ -87,6 +87,8 @@ MARK_BATCH_SECONDS = 0.05
 #: Requests this far apart are a pause a yielding upload may run in.
 YIELD_PAUSE_SECONDS = 0.2
 YIELD_POLL_SECONDS = 0.05
+#: Chunks under this size yield (their upload costs CPU more than bandwidth).
+YIELD_MAX_CHUNK_BYTES = 1 << 20
 #: Garbage a collector pass had to leave (pinned until its upload ends, or
 #: held by a writer) is looked at again this soon.
 GARBAGE_IN_USE_RECHECK_SECONDS = 1.0
@@ -238,7 +240,7 @@ class Uploader:
         `yield_max_seconds`; `retry_now` (datafs sync) and a waiter end it."""
         if self.idle_seconds is None or self.yield_max_seconds <= 0:
             return
-        if self._queued.get(chunk, (0, 0))[0] >= CHECK_BEFORE_PUT_MIN_BYTES:
+        if self._queued.get(chunk, (0, 0))[0] >= YIELD_MAX_CHUNK_BYTES:
             return  # bandwidth-bound: it starts at once
         hurry = self._retry_now
         with trio.move_on_after(self.yield_max_seconds):
@@ -404,7 +406,7 @@ class Collector:
         self.held_open = held_open
         self.on_inode_deleted = on_inode_deleted
         self._wake = trio.Event()
-        self._in_use = 0  # garbage the last pass left because it was held, pinned or being deleted
+        self._left_in_use = False  # the last pass left garbage that was held, pinned or being deleted
 
     def wake(self) -> None:
         self._wake.set()
@@ -420,7 +422,7 @@ class Collector:
                 log.warning("garbage collection skipped: metadata engine unavailable", extra={"error": str(exc)})
             # Garbage still pinned (its upload, queued before the delete, has
             # not finished) is looked at again soon, not a whole interval later.
-            with trio.move_on_after(GARBAGE_IN_USE_RECHECK_SECONDS if self._in_use else self.interval_seconds):
+            with trio.move_on_after(GARBAGE_IN_USE_RECHECK_SECONDS if self._left_in_use else self.interval_seconds):
                 await self._wake.wait()
             self._wake = trio.Event()
 
@@ -441,10 +443,10 @@ class Collector:
         deleted = 0
         cache, store = self.source.cache, self.source.store
         ledger = self.source.ledger
-        self._in_use = 0
+        self._left_in_use = False
         for chunk in await self.calls.in_thread(self.meta.garbage, 1024, self.grace_ns):
             if ledger.in_use(chunk):
-                self._in_use += 1
+                self._left_in_use = True
                 continue
             with ledger.deleting(chunk):
                 try:

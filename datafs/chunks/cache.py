@@ -181,8 +181,8 @@ class ChunkCache:
         metrics.CACHE_LIMIT_BYTES.set(self.limit_bytes)
         metrics.CACHE_CHUNKS.set_function(lambda: len(self._lru))
         metrics.CACHE_PINNED_BYTES.set_function(lambda: self.pinned()[1])
-        metrics.CHUNKS_NOT_DURABLE.set_function(lambda: len(self._unsynced))
-        metrics.CHUNKS_NOT_DURABLE_BYTES.set_function(lambda: self._unsynced_bytes)
+        metrics.CHUNKS_NOT_DURABLE.set_function(lambda: self.owed()[0])
+        metrics.CHUNKS_NOT_DURABLE_BYTES.set_function(lambda: self.owed()[1])
 
     def sizes(self) -> dict[str, int]:
         with self._lock:
@@ -310,6 +310,11 @@ class ChunkCache:
     def owes_syncs(self) -> bool:
         with self._lock:
             return bool(self._unsynced)
+
+    def owed(self) -> tuple[int, int]:
+        """(chunks, bytes) owed a sync now."""
+        with self._lock:
+            return len(self._unsynced), self._unsynced_bytes
 
     def unsynced(self) -> dict[str, int]:
         """Chunks owed a sync now, with their sizes."""

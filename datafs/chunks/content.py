@@ -298,7 +298,7 @@ class FileContent:
             self._failed_reads.pop(index, None)
         if len(data) == stop - start:
             return data  # handed on as it is: no copy
-        return bytes(data) + bytes(stop - start - len(data))  # a hole, or past a short chunk's end: zeros
+        return data + bytes(stop - start - len(data))  # a hole, or past a short chunk's end: zeros
 
     def prefetch(self, first: int, count: int) -> None:
         """Ask the tiers to fetch committed chunks first..first+count-1 ahead of a reader."""

@@ -185,8 +185,13 @@ def _k_holder(chunk: bytes, node: int) -> bytes:
     return b"w" + chunk + _u64(node)
 
 
-def _k_journal(node: int, seq: int) -> bytes:
-    return b"j" + _u64(node) + _u64(seq)
+def _k_journal(node: int, seq: int | None = None) -> bytes:
+    """A journal entry's key; without `seq`, the prefix of the node's entries."""
+    return b"j" + _u64(node) + (b"" if seq is None else _u64(seq))
+
+
+def _k_durable_point(node: int) -> bytes:
+    return b"J" + _u64(node)
 
 
 def _k_open(ino: int, node: int) -> bytes:
@@ -1053,7 +1058,7 @@ class MetaStore:
     def journal_entries(self) -> list[tuple[int, int, list[str]]]:
         """(seq, ino, chunk ids) of this node's commits whose chunks were not
         known durable when they were last flushed, oldest first."""
-        prefix = b"j" + _u64(self.node_id)
+        prefix = _k_journal(self.node_id)
 
         def body(t: Txn) -> list[tuple[int, int, list[str]]]:
             return [
@@ -1066,17 +1071,17 @@ class MetaStore:
 
     def durable_point(self) -> int:
         """The last journal sequence number known durable (0: none yet)."""
-        return _time(self.kv.view(lambda t: t.get(b"J" + _u64(self.node_id))))
+        return _time(self.kv.view(lambda t: t.get(_k_durable_point(self.node_id))))
 
     def advance_durable_point(self, seq: int) -> int:
         """Every commit up to `seq` has durable chunks now: move the durable
         point there (never back) and forget the journal entries up to it.
         Returns the durable point."""
-        prefix = b"j" + _u64(self.node_id)
+        prefix = _k_journal(self.node_id)
 
         def body(t: Txn) -> int:
-            point = max(_time(t.get(b"J" + _u64(self.node_id))), seq)
-            t.put(b"J" + _u64(self.node_id), _u64(point))
+            point = max(_time(t.get(_k_durable_point(self.node_id))), seq)
+            t.put(_k_durable_point(self.node_id), _u64(point))
             for key, _ in list(t.scan(prefix)):
                 if _U64.unpack(key[9:17])[0] > point:
                     break
