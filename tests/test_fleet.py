@@ -359,7 +359,7 @@ def _mount_fails(tmp_path: Path, *args: str, env: dict[str, str]) -> str:
 
 def test_bad_engine_settings_are_one_line_at_mount(tmp_path, pg_url, pg_server, s3):
     base = {**s3.aws_env(), **FAST}
-    wrong = _mount_fails(tmp_path, "--meta", pg_url.url, "--store", "file:///tmp", env={**base, "PGPASSWORD": "wrong"})
+    wrong = _mount_fails(tmp_path, "--meta", pg_url.url, "--store", f"file://{tmp_path}", env={**base, "PGPASSWORD": "wrong"})
     assert "password" in wrong
     missing = _mount_fails(tmp_path, "--meta", pg_url.url.rsplit("/", 1)[0] + "/nope", env={**base, **pg_url.env})
     assert "nope" in missing

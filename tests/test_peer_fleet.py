@@ -179,7 +179,7 @@ def test_peer_listen_needs_a_secret_and_a_shared_engine(tmp_path, pg_url):
     target = tmp_path / "m"
     target.mkdir()
     no_secret = run_cli("mount", str(target), "--state-dir", str(tmp_path / "s"), "--meta", pg_url.url,
-                        "--store", "file:///tmp", "--peer-listen", f"127.0.0.1:{PEER_PORT + 9}",
+                        "--store", f"file://{tmp_path}", "--peer-listen", f"127.0.0.1:{PEER_PORT + 9}",
                         env=pg_url.env, check=False)
     assert no_secret.returncode != 0 and "fleet secret" in no_secret.stderr
     no_engine = run_cli("mount", str(target), "--state-dir", str(tmp_path / "s2"),
