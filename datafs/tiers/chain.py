@@ -35,7 +35,10 @@ sealer waits for uploads; it fails with ENOSPC once no upload has finished
 for `space_wait_seconds` (uploads that keep finishing keep it waiting: that is
 back-pressure, not an error).
 
-All blocking work runs in worker threads, each resource behind its own limiter.
+Blocking work runs in worker threads, each resource behind its own limiter;
+the exceptions, served on the event loop because a hop costs more, are reads
+already in memory and small chunks written to the page cache (see the
+constants below).
 """
 
 from __future__ import annotations
@@ -80,6 +83,13 @@ STALL_RETRY_KICK_SECONDS = 5.0
 #: of 64 KiB: about 20 us, a fifth of a thread hop): a small file's close then
 #: leaves the loop once, to write its chunk.
 INLINE_HASH_MAX_BYTES = 64 << 10
+#: Chunks up to this size, owed a sync rather than fsynced (`defer_sync`),
+#: are written to the cache on the event loop: a write into the page cache,
+#: like the LMDB commit that follows it on the loop, which waits for the disk
+#: no more than that commit does. The thread hop cost 0.2 ms of a small
+#: file's close (2,000 x 16 KiB files created in 2.1 s with it, 1.6 s
+#: without). A chunk that must be fsynced first always goes to a thread.
+INLINE_STORE_MAX_BYTES = INLINE_HASH_MAX_BYTES
 #: Bound once: cache hits are the hottest read path, and a label lookup costs
 #: as much as the two counters it would save.
 _READ_FROM_CACHE = metrics.READ_BYTES.labels("cache")
@@ -402,11 +412,11 @@ class ChunkSource:
         deadline = trio.current_time() + self.space_wait_seconds
         next_kick = 0.0
         stalled = False
+        put = functools.partial(self.cache.put, chunk, data, defer_sync=self.defer_sync)
+        inline = self.defer_sync and len(data) <= INLINE_STORE_MAX_BYTES
         while True:
             try:
-                if await trio.to_thread.run_sync(
-                    functools.partial(self.cache.put, chunk, data, defer_sync=self.defer_sync), limiter=self.disk_limiter,
-                ):
+                if put() if inline else await trio.to_thread.run_sync(put, limiter=self.disk_limiter):
                     return
             except OSError as exc:  # the disk under the cache is full
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
