@@ -153,6 +153,7 @@ class ChunkCache:
         self._unsynced_bytes = 0
         self._writes = 0
         self._new_directories = True  # fan-out directories created since the last sync
+        self._fanout: set[str] = set()  # fan-out directories known to exist
         self.size_bytes = 0
         self.reserved_bytes = 0  # room made for chunks being written now
 
@@ -165,6 +166,7 @@ class ChunkCache:
             stale.unlink(missing_ok=True)
         found = []
         for sub in self._chunks_dir.iterdir():
+            self._fanout.add(sub.name)
             for entry in os.scandir(sub):
                 st = entry.stat()
                 found.append((st.st_atime_ns, entry.name, st.st_size))
@@ -255,8 +257,9 @@ class ChunkCache:
                 os.close(fd)
                 tmp.unlink(missing_ok=True)
                 raise
+            stamp = _stamp(os.fstat(fd))  # a rename changes none of it
             os.close(fd)
-            self.adopt(chunk_id, tmp, size, owed_sync=durable and defer_sync)
+            self.adopt(chunk_id, tmp, size, owed_sync=durable and defer_sync, stamp=stamp)
         finally:
             self.unreserve(size)
         return True
@@ -280,20 +283,26 @@ class ChunkCache:
         with self._lock:
             self.reserved_bytes -= size_bytes
 
-    def adopt(self, chunk_id: str, tmp: Path, size: int, owed_sync: bool = False) -> None:
+    def adopt(self, chunk_id: str, tmp: Path, size: int, owed_sync: bool = False,
+              stamp: tuple[int, int, int] | None = None) -> None:
         """Rename a complete temp file into place as `chunk_id`: fsynced
-        already, or (`owed_sync`) recorded as owed a sync."""
+        already, or (`owed_sync`) recorded as owed a sync. `stamp`: the temp
+        file's, if the caller has it (saves a stat)."""
         final = self.path(chunk_id)
-        if not final.parent.is_dir():
-            final.parent.mkdir(exist_ok=True)
-            self._new_directories = True  # its entry in chunks/ needs a sync too
+        if chunk_id[:2] not in self._fanout:
+            try:
+                final.parent.mkdir()
+                self._new_directories = True  # its entry in chunks/ needs a sync too
+            except FileExistsError:
+                pass
+            self._fanout.add(chunk_id[:2])
         with self._lock:
             os.rename(tmp, final)
             if chunk_id not in self._lru:
                 self.size_bytes += size
             self._lru[chunk_id] = size
             self._lru.move_to_end(chunk_id)
-            self._verified[chunk_id] = _stamp(os.stat(final))
+            self._verified[chunk_id] = stamp or _stamp(os.stat(final))
             if owed_sync:
                 self._drop_unsynced_locked(chunk_id)
                 self._writes += 1
