@@ -60,7 +60,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import Iterable
+from typing import Awaitable, Callable, Iterable
 
 import trio
 
@@ -124,10 +124,16 @@ class Durability:
                 log.error("flush failed: written files are not durable against power loss yet; retried at the next interval",
                           extra={"error": str(exc)})
 
-    async def flush(self, op: str = "flush") -> None:
+    async def flush(self) -> None:
         """Make every chunk owed a sync durable, move the durable point past
         every commit that is now wholly durable, and sync the metadata."""
-        await self._sync(self.cache.unsynced(), op)
+        chunks = list(self.cache.unsynced())
+
+        async def sync_chunks() -> None:
+            if chunks:
+                await trio.to_thread.run_sync(self.cache.sync, chunks, limiter=self._limiter)
+
+        await self._make_durable("flush", sync_chunks)
 
     async def sync_file(self, ino: int) -> None:
         """fsync(): the file's chunks durable, then the metadata (all of it:
@@ -137,15 +143,14 @@ class Durability:
         if self.deferred and self.cache.owes_syncs():
             chunks = await self.calls.in_thread(self.meta.chunks, ino)  # a large file has many
             owed = {ref.chunk_id: ref.length for ref in chunks.values() if self.cache.is_unsynced(ref.chunk_id)}
-        await self._sync(owed, "fsync")
+        await self._make_durable("fsync", functools.partial(self._fsync_files, list(owed)))
 
-    async def _sync(self, chunks: dict[str, int], op: str) -> None:
+    async def _make_durable(self, op: str, sync_chunks: Callable[[], Awaitable[None]]) -> None:
+        """Sync the chunks (`sync_chunks`), then the durable point and the
+        metadata, in that order; counted in the metrics under `op`."""
         started = time.monotonic()
         try:
-            if op == "fsync":
-                await self._fsync_files(list(chunks))
-            elif chunks:
-                await trio.to_thread.run_sync(self.cache.sync, list(chunks), limiter=self._limiter)
+            await sync_chunks()
             await self._advance()
             await self.calls.in_thread(self.meta.sync)
         except BaseException:
