@@ -334,6 +334,18 @@ class _Tx:
     def holders(self, chunk: bytes) -> list[int]:
         return [_U64.unpack(k[33:])[0] for k, _ in self.t.scan(b"w" + chunk)]
 
+    def drop_pending(self, chunk: bytes) -> bool:
+        """This node no longer owes the chunk's upload; the chunk stops being
+        pending once no node does. Returns whether this node owed it."""
+        owed = self.t.get(_k_pending(self.node, chunk)) is not None
+        self.t.delete(_k_pending(self.node, chunk))
+        self.t.delete(_k_holder(chunk, self.node))
+        record = self._ref(chunk)
+        if record is not None and record.flags & PENDING and not self.holders(chunk):
+            record.flags &= ~PENDING
+            self.t.put(b"r" + chunk, record.pack())
+        return owed
+
     def clear_pending(self, chunk: bytes) -> None:
         for node in self.holders(chunk):
             self.t.delete(_k_pending(node, chunk))
@@ -1131,19 +1143,8 @@ class MetaStore:
         raw_ids = [bytes.fromhex(chunk) for chunk in lost]
 
         def body(tx: _Tx) -> int:
-            t = tx.t
-            dropped = 0
             tx.load_refs(raw_ids)
-            for raw in raw_ids:
-                if t.get(_k_pending(self.node_id, raw)) is not None:
-                    dropped += 1
-                t.delete(_k_pending(self.node_id, raw))
-                t.delete(_k_holder(raw, self.node_id))
-                record = tx._ref(raw)
-                if record is not None and record.flags & PENDING and not tx.holders(raw):
-                    record.flags &= ~PENDING
-                    t.put(b"r" + raw, record.pack())
-            return dropped
+            return sum(tx.drop_pending(raw) for raw in raw_ids)
 
         return self._write(body)
 
