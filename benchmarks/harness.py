@@ -267,7 +267,7 @@ def run(options: Options, progress_stream=None) -> tuple[list[Row], dict]:
             client = server.client()
             targets.append(DiskTarget(workdir))
             if "pyfuse3" in options.peers:
-                targets.append(Pyfuse3Target(workdir))
+                targets.append(Pyfuse3Target(workdir, server, client))
             targets.append(DatafsTarget(workdir, server, client, pg))
             if "juicefs" in options.peers:
                 targets.append(JuicefsTarget(workdir, server, client, options.base_port + JUICEFS_METRICS_PORT_OFFSET,

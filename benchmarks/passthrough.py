@@ -271,8 +271,13 @@ class Passthrough(pyfuse3.Operations):
         os.close(fh)
 
 
-async def _serve(mountpoint: Path) -> None:
+async def serve(mountpoint: Path, use_nursery=None) -> None:
+    """pyfuse3's main loop with datafs's kernel tuning, until the mount goes
+    or SIGTERM/SIGINT comes. `use_nursery(nursery)`, if given, gets the
+    nursery first (for the operations' background tasks)."""
     async with trio.open_nursery() as nursery:
+        if use_nursery is not None:
+            use_nursery(nursery)
         nursery.start_soon(_unmount_on_signal)
         nursery.start_soon(fuse_kernel.tune, mountpoint, fuse_kernel.READ_AHEAD_KB, fuse_kernel.MAX_BACKGROUND)
         await pyfuse3.main()
@@ -306,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"passthrough: cannot mount {backing} at {mountpoint}: {exc}", file=sys.stderr)
         return 1
     try:
-        trio.run(_serve, mountpoint)
+        trio.run(serve, mountpoint)
     finally:
         pyfuse3.close(unmount=True)
     return 0

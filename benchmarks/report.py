@@ -93,7 +93,8 @@ def markdown(rows: list[Row], meta: dict) -> str:
         "Targets: **disk** is a plain directory on the same filesystem as the caches (the physical limit of this "
         "machine); **pyfuse3** is a minimal passthrough filesystem on pyfuse3 and trio over a directory on that "
         "disk, with datafs's mount options and kernel tuning (the limit of any Python FUSE daemon: a datafs row "
-        "close to it has little left to gain on pyfuse3); **datafs** and **juicefs** (`--writeback`, local cache "
+        "close to it has little left to gain on pyfuse3; for the cold read it is a pyfuse3 daemon that only GETs "
+        "the file's objects from the bucket and hands them over from memory); **datafs** and **juicefs** (`--writeback`, local cache "
         "dir) store their data in the same SeaweedFS S3 server on 127.0.0.1; **s3-ceiling** is boto3 against that "
         "server with nothing in between.",
         "",

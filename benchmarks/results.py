@@ -64,8 +64,9 @@ WORKLOADS: tuple[Workload, ...] = (
              FS_TARGETS, disk_ref="seq-read-warm"),
     Workload("seq-read-cache", "2b", "Sequential read {seq}, page cache dropped (local cache)", MIB_S,
              FS_TARGETS, disk_ref="seq-read-cache"),
+    # pyfuse3's row is `s3read.py`: a daemon that only GETs (with --peers pyfuse3).
     Workload("seq-read-cold", "2c", "Sequential read {seq}, cold (local cache emptied, daemon restarted)", MIB_S,
-             REMOTE, disk_ref="seq-read-cache", s3_ref="s3-get"),
+             (PYFUSE3,) + REMOTE, disk_ref="seq-read-cache", s3_ref="s3-get"),
     Workload("rand-read-4k", "3", "Random 4 KiB reads over {seq}, {jobs} jobs, {seconds} s (local cache)", IOPS,
              FS_TARGETS, disk_ref="rand-read-4k"),
     Workload("small-create", "4", "Small files: create {small} x {small_size} in nested dirs", SECONDS,
@@ -137,7 +138,7 @@ def fill_ratios(rows: list[Row]) -> None:
         workload = BY_ID[row.workload]
         if workload.disk_ref:
             row.ratio_disk = _cross_ratio(row, index.get((workload.disk_ref, DISK)))
-        if workload.s3_ref and row.target in REMOTE:
+        if workload.s3_ref and (row.target in REMOTE or row.extra.get("from_store")):
             ceiling = index.get((workload.s3_ref, S3_CEILING))
             mine = row.throughput_bytes_per_second()
             if ceiling is not None and mine and ceiling.figure > 0:

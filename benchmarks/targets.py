@@ -23,7 +23,8 @@ Fairness choices, stated once:
 - pyfuse3 (`--peers pyfuse3`) is `passthrough.py` over a plain directory on
   the same disk, with datafs's kernel settings: the ceiling of any Python
   FUSE daemon. It has no object store, so its cold restart is an unmount,
-  a dropped page cache and a mount, like the disk's.
+  a dropped page cache and a mount, like the disk's. Its cold read from the
+  bucket is `s3read.py` (only GETs, from the same S3 server) instead.
 - With `--meta postgres` both keep their metadata in the same PostgreSQL
   server, a database each (made at start, dropped at discard): datafs gets
   `--meta postgresql://...`, JuiceFS `postgres://...`. The password reaches
@@ -34,11 +35,14 @@ Fairness choices, stated once:
 from __future__ import annotations
 
 import abc
+import concurrent.futures
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from botocore.exceptions import ClientError
@@ -48,6 +52,7 @@ from datafs.daemon import read_daemon_pid
 from . import system
 from .errors import BenchError
 from .objstore import prepare_bucket
+from .sizes import BLOCK_BYTES
 
 REPO = Path(__file__).resolve().parent.parent
 POLL_SECONDS = 0.05
@@ -134,6 +139,8 @@ class Target(abc.ABC):
     remote: bool = False
     #: Served by a daemon of its own, whose peak RSS is measured.
     daemon: bool = True
+    #: Not remote, yet serves a file from the bucket (`cold_file`): the cold read's ceiling.
+    reads_store: bool = False
 
     def __init__(self, workdir: Path):
         self.dir = workdir / self.name
@@ -166,6 +173,9 @@ class Target(abc.ABC):
 
     def upload_probe(self, chunk_ids: list[str], size_bytes: int) -> UploadProbe:
         raise NotImplementedError(f"{self.name} has no object store")
+
+    def cold_file(self, size_bytes: int) -> contextlib.AbstractContextManager[Path]:
+        raise NotImplementedError(f"{self.name} serves no file from the object store")
 
     @abc.abstractmethod
     def stop(self) -> None:
@@ -288,73 +298,138 @@ class DatafsTarget(Target):
         self._mounted = False
 
 
-class Pyfuse3Target(Target):
-    """`passthrough.py` mirroring a directory on the same disk: what datafs
-    would reach if it did nothing but pass each request to the disk."""
+class ForegroundDaemon:
+    """A pyfuse3 daemon of the benchmark's own (`python -m benchmarks.X ...`),
+    in the foreground in a session of its own, that mounts `mountpoint` as
+    `fstype` and unmounts itself on SIGTERM."""
 
-    name = "pyfuse3"
-    fstype = "fuse.passthrough"
+    def __init__(self, what: str, module: str, args: list[str], mountpoint: Path, fstype: str, log_path: Path,
+                 env: dict[str, str] | None = None):
+        self.what, self.module, self.args, self.env = what, module, args, env
+        self.mountpoint, self.fstype, self.log_path = mountpoint, fstype, log_path
+        self.proc: subprocess.Popen | None = None
 
-    def __init__(self, workdir: Path):
-        super().__init__(workdir)
-        self.backing = self.dir / "backing"
-        self.mountpoint = self.dir / "mnt"
-        self.log_path = self.dir / "passthrough.log"
-        self.root = self.mountpoint
-        self._proc: subprocess.Popen | None = None
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
 
-    def start(self) -> None:
-        self.backing.mkdir(parents=True, exist_ok=True)
+    def start(self, timeout_seconds: float = 60) -> None:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
-        self._mount()
-
-    def _mount(self, timeout_seconds: float = 60) -> None:
-        command = [sys.executable, "-m", "benchmarks.passthrough", str(self.backing), str(self.mountpoint)]
+        command = [sys.executable, "-m", self.module, *self.args]
         with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
-                                          stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
+            self.proc = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, env=child_env(self.env), start_new_session=True)
         deadline = time.monotonic() + timeout_seconds
         while system.mount_fstype(self.mountpoint) != self.fstype:
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                status = self._proc.returncode
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                status = self.proc.returncode
                 self.stop()
                 what = f"exited with status {status}" if status is not None else \
                     f"did not mount within {timeout_seconds:.0f} s"
-                raise BenchError(f"the pyfuse3 passthrough {what}; log tail:\n{system.tail(self.log_path)}")
+                raise BenchError(f"the {self.what} {what}; log tail:\n{system.tail(self.log_path)}")
             time.sleep(POLL_SECONDS)
 
-    def _daemon_pids(self) -> list[int]:
-        return [self._proc.pid] if self._proc is not None and self._proc.poll() is None else []
-
-    def _umount(self) -> None:
+    def stop(self) -> None:
         """SIGTERM: the daemon unmounts and exits. Whatever is left of its
         session after 30 s is killed by PID, and a mount still there detached."""
-        if self._proc is not None:
-            self.note_peak_rss()
-            self._proc.terminate()  # a no-op once it has exited (and been reaped)
+        if self.proc is not None:
+            self.proc.terminate()  # a no-op once it has exited (and been reaped)
             try:
-                self._proc.wait(timeout=30)
+                self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                system.kill_session(self._proc.pid)  # not reaped yet: the session id is still ours
-                self._proc.kill()
-                self._proc.wait(timeout=30)
-            self._proc = None
+                system.kill_session(self.proc.pid)  # not reaped yet: the session id is still ours
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+            self.proc = None
         if system.mount_fstype(self.mountpoint):
             system.lazy_unmount(self.mountpoint)
+
+    def stop_quietly(self) -> None:
+        """`stop`, for the harness's clean-up: never raises."""
+        try:
+            self.stop()
+        except (OSError, subprocess.SubprocessError):
+            self.proc = None
+            if system.mount_fstype(self.mountpoint):
+                system.lazy_unmount(self.mountpoint)
+
+
+class Pyfuse3Target(Target):
+    """`passthrough.py` mirroring a directory on the same disk: what datafs
+    would reach if it did nothing but pass each request to the disk. Given
+    the S3 server, also the cold read's ceiling: `s3read.py` serving a file
+    from the bucket with nothing but GETs (`cold_file`)."""
+
+    name = "pyfuse3"
+    bucket = "pyfuse3-bench"
+    prefix = "cold/"
+
+    def __init__(self, workdir: Path, server=None, client=None):
+        super().__init__(workdir)
+        self.server, self.client = server, client
+        self.backing = self.dir / "backing"
+        self.mountpoint = self.dir / "mnt"
+        self.root = self.mountpoint
+        self.passthrough = ForegroundDaemon(
+            "pyfuse3 passthrough", "benchmarks.passthrough", [str(self.backing), str(self.mountpoint)],
+            self.mountpoint, "fuse.passthrough", self.dir / "passthrough.log")
+        self.s3read: ForegroundDaemon | None = None
+
+    @property
+    def reads_store(self) -> bool:
+        return self.server is not None
+
+    def start(self) -> None:
+        self.backing.mkdir(parents=True, exist_ok=True)
+        self.passthrough.start()
+
+    def _daemon_pids(self) -> list[int]:
+        return [pid for pid in [self.passthrough.pid] if pid is not None]
+
+    def _umount(self) -> None:
+        self.note_peak_rss()
+        self.passthrough.stop()
 
     def cold_restart(self) -> list[str]:
         self._umount()
         note = system.drop_page_cache()
-        self._mount()
+        self.passthrough.start()
         return [note] if note else []
 
-    def stop(self) -> None:
+    @contextlib.contextmanager
+    def cold_file(self, size_bytes: int) -> Iterator[Path]:
+        """A file of `size_bytes` of fresh random data in the bucket, as
+        4 MiB objects written before (not timed), read through `s3read.py`
+        at a mount of its own; the objects go afterwards."""
+        if not self.reads_store:
+            raise BenchError("the pyfuse3 target has no object store to read from")
+        objects = max(1, size_bytes // BLOCK_BYTES)
+        keys = [f"{self.prefix}{i:06d}" for i in range(objects)]
+        prepare_bucket(self.server, self.client, self.bucket)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+            list(pool.map(lambda key: self.client.put_object(Bucket=self.bucket, Key=key,
+                                                             Body=os.urandom(BLOCK_BYTES)), keys))
+        mountpoint = self.dir / "s3mnt"
+        self.s3read = ForegroundDaemon(
+            "pyfuse3 S3 reader", "benchmarks.s3read",
+            [str(mountpoint), "--endpoint", self.server.endpoint_url, "--bucket", self.bucket,
+             "--prefix", self.prefix, "--objects", str(objects)],
+            mountpoint, "fuse.s3read", self.dir / "s3read.log", env=self.server.aws_env())
         try:
-            self._umount()
-        except (OSError, subprocess.SubprocessError):
-            self._proc = None
-            if system.mount_fstype(self.mountpoint):
-                system.lazy_unmount(self.mountpoint)
+            self.s3read.start()
+            yield mountpoint / "cold"
+        finally:
+            self.s3read.stop()
+            self.s3read = None
+            for first in range(0, objects, 1000):
+                self.client.delete_objects(Bucket=self.bucket, Delete={
+                    "Objects": [{"Key": key} for key in keys[first:first + 1000]], "Quiet": True})
+
+    def stop(self) -> None:
+        if self.s3read is not None:
+            self.s3read.stop_quietly()
+        self.note_peak_rss()
+        self.passthrough.stop_quietly()
 
 
 def juicefs_binary() -> str | None:

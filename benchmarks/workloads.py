@@ -103,6 +103,9 @@ class Workloads:
                 Step(name, "sequential read, cold from the object store", self.seq_read_cold),
                 Step(name, f"upload lag of a {human_bytes(s.upload_file_bytes)} file", self.upload_lag),
             ]
+        elif self.t.reads_store:
+            steps.append(Step(name, "sequential read, cold from the object store, by a daemon that only GETs",
+                              self.seq_read_cold_ceiling))
         steps += [
             Step(name, f"small files: create {s.small_files}", self.small_create),
             Step(name, "small files: stat all", self.small_stat),
@@ -147,6 +150,16 @@ class Workloads:
         notes = self.t.cold_restart()
         result = self._fio_read()
         return [self._row("seq-read-cold", result.mib_per_second, MIB_S, _fio_extra(result), _notes(*notes))]
+
+    def seq_read_cold_ceiling(self) -> list[Row]:
+        """The cold read's pyfuse3 ceiling: the same fio job on a file of the
+        same size that `s3read.py` serves straight from the bucket."""
+        with self.t.cold_file(self.s.seq_file_bytes) as path:
+            note = drop_page_cache()
+            result = run_fio(path, "read", block_bytes=BLOCK_BYTES, size_bytes=self.s.seq_file_bytes,
+                             timeout_seconds=io_timeout(self.s.seq_file_bytes))
+        return [self._row("seq-read-cold", result.mib_per_second, MIB_S, {**_fio_extra(result), "from_store": True},
+                          _notes(note))]
 
     def random_read(self) -> list[Row]:
         note = drop_page_cache()

@@ -16,6 +16,7 @@ failure, not a silently smaller run.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
@@ -98,6 +99,8 @@ def test_ratios_read_as_speeds_whatever_the_unit():
         Row("upload-lag", JUICEFS, 2.0, SECONDS, {"bytes": 256 * MiB}),
         Row("seq-write", PYFUSE3, 160.0, MIB_S), Row("small-create", PYFUSE3, 1.0, SECONDS),
         Row("peak-rss", PYFUSE3, 30.0, MIB), Row("peak-rss", DATAFS, 120.0, MIB),
+        Row("seq-read-cold", PYFUSE3, 250.0, MIB_S, {"from_store": True}),  # s3read.py: only GETs
+        Row("warmup-cold", PYFUSE3, 300.0, MIB_S), Row("warmup-cold", DATAFS, 150.0, MIB_S),
     ]
     fill_ratios(rows)
     by = {(r.workload, r.target): r for r in rows}
@@ -116,6 +119,10 @@ def test_ratios_read_as_speeds_whatever_the_unit():
     assert by["peak-rss", DATAFS].ratio_pyfuse3 == 0.25  # four times the passthrough's memory
     assert by["upload-lag", DATAFS].ratio_pyfuse3 is None and by["seq-write", PYFUSE3].ratio_pyfuse3 is None
     assert by["seq-write", PYFUSE3].ratio_disk == 0.8 and by["seq-write", JUICEFS].ratio_pyfuse3 is None
+    # The cold read's ceiling came from the bucket: it is held against the GET ceiling, and datafs against it.
+    assert by["seq-read-cold", PYFUSE3].ratio_s3 == 0.625 and by["seq-read-cold", DATAFS].ratio_pyfuse3 == 0.8
+    # The passthrough's warmup read its own disk: no ratio to the object store.
+    assert by["warmup-cold", PYFUSE3].ratio_s3 is None and by["warmup-cold", DATAFS].ratio_s3 == 0.375
 
 
 # ---- the pyfuse3 ceiling ------------------------------------------------------------------------
@@ -225,6 +232,47 @@ def test_pyfuse3_passthrough_round_trip_restart_and_stop(tmp_path):
     assert mounts.find_mount(target.root) is None
     assert not mounts.pid_alive(pid)
     assert (target.backing / "kept").read_bytes() == b"kept"
+
+
+S3READ_BASE_PORT = 18710  # SeaweedFS 18710-18717, for the S3 reader on its own
+
+
+def test_pyfuse3_s3_reader_serves_the_objects_in_order_and_leaves_nothing(tmp_path):
+    """The cold read's ceiling (`s3read.py`) must read what a real daemon
+    reads: the bucket's bytes, in order, at any offset, or its speed would
+    prove nothing. Writes are refused, and the objects, the mount and the
+    daemon are gone afterwards."""
+    from benchmarks.sizes import BLOCK_BYTES
+    from datafs import mounts
+    from devtools.seaweed import SeaweedServer
+
+    server = SeaweedServer(tmp_path / "weed", S3READ_BASE_PORT)
+    target = None
+    try:
+        server.start()
+        client = server.client()
+        target = Pyfuse3Target(tmp_path / "work", server, client)
+        assert target.reads_store
+        with target.cold_file(3 * BLOCK_BYTES) as path:
+            pid = target.s3read.pid
+            expected = b"".join(client.get_object(Bucket=target.bucket, Key=f"{target.prefix}{i:06d}")["Body"].read()
+                                for i in range(3))
+            assert len(expected) == 3 * BLOCK_BYTES and path.stat().st_size == len(expected)
+            with open(path, "rb") as f:
+                f.seek(2 * BLOCK_BYTES - 7)  # across a block boundary, before the blocks ahead of it
+                assert f.read(20) == expected[2 * BLOCK_BYTES - 7:2 * BLOCK_BYTES + 13]
+            Path("/proc/sys/vm/drop_caches").write_text("1\n")
+            assert path.read_bytes() == expected
+            with pytest.raises(OSError) as refused:
+                open(path, "r+b")
+            assert refused.value.errno in (errno.EROFS, errno.EACCES)
+        assert mounts.find_mount(path.parent) is None and not mounts.pid_alive(pid)
+        listed = client.list_objects_v2(Bucket=target.bucket, Prefix=target.prefix)
+        assert listed.get("KeyCount", 0) == 0, "the objects were not deleted"
+    finally:
+        if target is not None:
+            target.stop()
+        server.stop()
 
 
 # ---- errors before anything starts -----------------------------------------------------------
@@ -339,6 +387,7 @@ def test_tiny_run_writes_every_row_table_and_chart(tmp_path):
         assert row["figure"] > 0, pair
     assert rows["seq-write", DISK]["ratio_disk"] == 1.0
     assert rows["seq-read-cold", DATAFS]["ratio_s3"] > 0
+    assert rows["seq-read-cold", PYFUSE3]["extra"]["from_store"] and rows["seq-read-cold", PYFUSE3]["ratio_s3"] > 0
     assert rows["upload-lag", DATAFS]["ratio_s3"] > 0
     if JUICEFS in peers:
         assert rows["seq-read-cold", DATAFS]["ratio_juicefs"] > 0
