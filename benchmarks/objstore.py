@@ -53,8 +53,13 @@ def measure_ceiling(server, client, objects: int, threads: int) -> tuple[float, 
         got = sum(pool.map(get, range(objects)))
         get_seconds = time.perf_counter() - started
     assert got == objects * BLOCK_BYTES, f"GET returned {got} bytes, expected {objects * BLOCK_BYTES}"
-    for first in range(0, objects, 1000):
-        client.delete_objects(Bucket=CEILING_BUCKET, Delete={
-            "Objects": [{"Key": key} for key in keys[first:first + 1000]], "Quiet": True})
+    delete_keys(client, CEILING_BUCKET, keys)
     total = objects * BLOCK_BYTES
     return total / put_seconds, total / get_seconds
+
+
+def delete_keys(client, bucket: str, keys: list[str]) -> None:
+    """Delete these objects, 1,000 (the most one DeleteObjects takes) at a time."""
+    for first in range(0, len(keys), 1000):
+        client.delete_objects(Bucket=bucket, Delete={
+            "Objects": [{"Key": key} for key in keys[first:first + 1000]], "Quiet": True})

@@ -51,7 +51,7 @@ from datafs.daemon import read_daemon_pid
 
 from . import system
 from .errors import BenchError
-from .objstore import prepare_bucket
+from .objstore import delete_keys, prepare_bucket
 from .sizes import BLOCK_BYTES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -421,9 +421,7 @@ class Pyfuse3Target(Target):
         finally:
             self.s3read.stop()
             self.s3read = None
-            for first in range(0, objects, 1000):
-                self.client.delete_objects(Bucket=self.bucket, Delete={
-                    "Objects": [{"Key": key} for key in keys[first:first + 1000]], "Quiet": True})
+            delete_keys(self.client, self.bucket, keys)
 
     def stop(self) -> None:
         if self.s3read is not None:

@@ -126,8 +126,8 @@ class Workloads:
         return [self._row("peak-rss", peak / MiB, MIB, {"peak_bytes": peak})]
 
     # ---- 1-3: fio ---------------------------------------------------------------------
-    def _fio_read(self) -> FioResult:
-        return run_fio(self.seq_path, "read", block_bytes=BLOCK_BYTES, size_bytes=self.s.seq_file_bytes,
+    def _fio_read(self, path: Path | None = None) -> FioResult:
+        return run_fio(path or self.seq_path, "read", block_bytes=BLOCK_BYTES, size_bytes=self.s.seq_file_bytes,
                        timeout_seconds=io_timeout(self.s.seq_file_bytes))
 
     def seq_write(self) -> list[Row]:
@@ -156,8 +156,7 @@ class Workloads:
         same size that `s3read.py` serves straight from the bucket."""
         with self.t.cold_file(self.s.seq_file_bytes) as path:
             note = drop_page_cache()
-            result = run_fio(path, "read", block_bytes=BLOCK_BYTES, size_bytes=self.s.seq_file_bytes,
-                             timeout_seconds=io_timeout(self.s.seq_file_bytes))
+            result = self._fio_read(path)
         return [self._row("seq-read-cold", result.mib_per_second, MIB_S, {**_fio_extra(result), "from_store": True},
                           _notes(note))]
 
