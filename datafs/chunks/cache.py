@@ -259,7 +259,7 @@ class ChunkCache:
                 raise
             stamp = _stamp(os.fstat(fd))  # a rename changes none of it
             os.close(fd)
-            self.adopt(chunk_id, tmp, size, owed_sync=durable and defer_sync, stamp=stamp)
+            self.adopt(chunk_id, tmp, size, stamp, owed_sync=durable and defer_sync)
         finally:
             self.unreserve(size)
         return True
@@ -283,11 +283,10 @@ class ChunkCache:
         with self._lock:
             self.reserved_bytes -= size_bytes
 
-    def adopt(self, chunk_id: str, tmp: Path, size: int, owed_sync: bool = False,
-              stamp: tuple[int, int, int] | None = None) -> None:
-        """Rename a complete temp file into place as `chunk_id`: fsynced
-        already, or (`owed_sync`) recorded as owed a sync. `stamp`: the temp
-        file's, if the caller has it (saves a stat)."""
+    def adopt(self, chunk_id: str, tmp: Path, size: int, stamp: tuple[int, int, int], owed_sync: bool = False) -> None:
+        """Rename a complete temp file, whose `stamp` the caller took while it
+        was open, into place as `chunk_id`: fsynced already, or (`owed_sync`)
+        recorded as owed a sync."""
         final = self.path(chunk_id)
         if chunk_id[:2] not in self._fanout:
             try:
@@ -302,7 +301,7 @@ class ChunkCache:
                 self.size_bytes += size
             self._lru[chunk_id] = size
             self._lru.move_to_end(chunk_id)
-            self._verified[chunk_id] = stamp or _stamp(os.stat(final))
+            self._verified[chunk_id] = stamp
             if owed_sync:
                 self._drop_unsynced_locked(chunk_id)
                 self._writes += 1
