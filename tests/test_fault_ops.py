@@ -295,17 +295,20 @@ def test_a_chunk_file_dropped_from_memory_is_read_back_whole(tmp_path, monkeypat
 
 async def test_a_damaged_cache_file_is_read_again_from_the_store(stack, caplog):
     data = os.urandom(C + 7)
+    small = os.urandom(16 << 10)  # read on the event loop, not in a disk thread
     ino = await stack.write_file(b"f", data)
+    small_ino = await stack.write_file(b"small", small)
     await stack.uploader.wait_idle()
-    first = chunk_id(data[:C])
-    # Replaced, not written in place: the embedded store hard-links the cache
-    # file, so an in-place write would damage the store's copy too.
-    damaged = stack.cache.path(first).with_suffix(".tmp")
-    damaged.write_bytes(b"\0" * 64 + data[64:C])
-    os.replace(damaged, stack.cache.path(first))
+    for chunk, good in ((chunk_id(data[:C]), data[:C]), (chunk_id(small), small)):
+        # Replaced, not written in place: the embedded store hard-links the
+        # cache file, so an in-place write would damage the store's copy too.
+        damaged = stack.cache.path(chunk).with_suffix(".tmp")
+        damaged.write_bytes(b"\0" * 64 + good[64:])
+        os.replace(damaged, stack.cache.path(chunk))
     stack.cache.remove(chunk_id(data[C:]))  # and one deleted
     assert await stack.read_file(ino) == data
-    assert "cache file failed verification" in caplog.text
+    assert await stack.read_file(small_ino) == small
+    assert caplog.text.count("cache file failed verification") == 2
 
 
 async def test_status_numbers_agree_and_early_failures_go_with_their_file(tmp_path, nursery):
