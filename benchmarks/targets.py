@@ -45,8 +45,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from botocore.exceptions import ClientError
-
 from datafs.daemon import read_daemon_pid
 
 from . import system
@@ -75,21 +73,25 @@ class UploadProbe(abc.ABC):
         """True once everything the probe waits for is in the bucket."""
 
 
+def _listing(client, bucket: str, prefix: str) -> dict[str, int]:
+    """Every object under `prefix`, with its size. Both probes poll with
+    listings: one per poll costs the server alike for every target, where a
+    HEAD per missing key (64 for a 256 MiB file) loaded it during the very
+    uploads being timed (measured: 0.2 s of datafs's 1.2 s lag)."""
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        out.update({obj["Key"]: obj["Size"] for obj in page.get("Contents", [])})
+    return out
+
+
 class KeysProbe(UploadProbe):
     """datafs: the exact object keys are known (BLAKE3 of each 4 MiB piece)."""
 
-    def __init__(self, client, bucket: str, keys: set[str]):
-        self.client, self.bucket, self.missing = client, bucket, set(keys)
+    def __init__(self, client, bucket: str, prefix: str, keys: set[str]):
+        self.client, self.bucket, self.prefix, self.missing = client, bucket, prefix, set(keys)
 
     def complete(self) -> bool:
-        for key in sorted(self.missing):
-            try:
-                self.client.head_object(Bucket=self.bucket, Key=key)
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                    continue
-                raise
-            self.missing.discard(key)
+        self.missing -= _listing(self.client, self.bucket, self.prefix).keys()
         return not self.missing
 
 
@@ -99,16 +101,11 @@ class NewBytesProbe(UploadProbe):
 
     def __init__(self, client, bucket: str, prefix: str, size_bytes: int):
         self.client, self.bucket, self.prefix, self.size_bytes = client, bucket, prefix, size_bytes
-        self.before = set(self._listing())
-
-    def _listing(self) -> dict[str, int]:
-        out = {}
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix):
-            out.update({obj["Key"]: obj["Size"] for obj in page.get("Contents", [])})
-        return out
+        self.before = set(_listing(client, bucket, prefix))
 
     def complete(self) -> bool:
-        new_bytes = sum(size for key, size in self._listing().items() if key not in self.before)
+        new_bytes = sum(size for key, size in _listing(self.client, self.bucket, self.prefix).items()
+                        if key not in self.before)
         return new_bytes >= self.size_bytes
 
 
@@ -286,7 +283,8 @@ class DatafsTarget(Target):
     def upload_probe(self, chunk_ids: list[str], size_bytes: int) -> UploadProbe:
         from datafs.tiers.store import object_key
 
-        return KeysProbe(self.client, self.bucket, {object_key(c, self.prefix) for c in chunk_ids})
+        keys = {object_key(c, self.prefix) for c in chunk_ids}
+        return KeysProbe(self.client, self.bucket, f"{self.prefix}/", keys)
 
     def stop(self) -> None:
         if system.mount_fstype(self.mountpoint):
