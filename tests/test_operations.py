@@ -24,7 +24,7 @@ from datafs.errors import ChunkMissing, StoreError
 from datafs.fs import FALLOC_FL_KEEP_SIZE as KEEP, FALLOC_FL_PUNCH_HOLE as PUNCH, FALLOC_FL_ZERO_RANGE as ZERO, Operations
 from datafs.meta.calls import MetaCalls
 from datafs.meta.kv import open_kv
-from datafs.meta.store import ROOT_INODE, MetaStore
+from datafs.meta.store import ROOT_INODE, ChunkRef, MetaStore
 from datafs.tiers.chain import FETCH_CONCURRENCY, ChunkSource
 from datafs.tiers.file_store import FileStore
 from datafs.upload import Collector, Uploader
@@ -537,6 +537,48 @@ async def test_readers_around_a_fetch_share_its_single_get(stack):
     assert got == [True] * 4
     assert gets == [ref.chunk_id]
     assert ref.chunk_id in stack.cache
+
+
+async def test_a_reader_waiting_for_old_bytes_sees_the_chunk_sealed_meanwhile(stack):
+    """A reader of a partly written chunk waits for the chunk's old bytes;
+    meanwhile the writer fills the chunk, it is sealed, and its array goes to
+    the next file written. The reader gets the new bytes, not that file's
+    (nor zeros)."""
+    old, new = os.urandom(C), os.urandom(C)
+    ino = await stack.write_file(b"f", old)
+    await stack.uploader.wait_idle()
+    stack.evict_all()
+    in_get, release_get = threading.Event(), threading.Event()
+    real_get = stack.store.get
+
+    def slow_get(chunk):
+        in_get.set()
+        release_get.wait(10)
+        return real_get(chunk)
+
+    stack.store.get = slow_get
+    fi = await stack.ops.open(ino, os.O_RDWR, Ctx())
+    await stack.ops.write(fi.fh, 0, new[:4096])
+    content = stack.ops.contents[ino]
+    got = []
+
+    async def read():
+        got.append(await stack.ops.read(fi.fh, 8192, 4096))
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await trio.to_thread.run_sync(in_get.wait, 10)
+            for off in range(4096, C, 1 << 20):
+                await stack.ops.write(fi.fh, off, new[off:off + (1 << 20)])
+            while not isinstance(content.entries.get(0), ChunkRef):  # sealed
+                await trio.sleep(0.01)
+            stack.store.get = real_get
+            await stack.write_file(b"g", os.urandom(C))  # takes the sealed chunk's array
+            release_get.set()
+    assert got == [new[8192:12288]]
+    await stack.ops.release(fi.fh)
+    assert await stack.read_file(ino) == new
 
 
 async def test_read_only_open_and_close_records_nothing(stack, monkeypatch):
