@@ -1189,7 +1189,7 @@ def _fix_refcount(
     record gets one: uploaded if the store has it, pending from this node if
     only its cache does (lost otherwise: the presence check says so)."""
     t = tx.t
-    record = tx._ref(raw)
+    record = tx.record(raw)
     if (record.refs if record else None) != recorded or (record is None and counted == 0):
         return False, []
     new = counted
@@ -1244,7 +1244,7 @@ def _pair_pending(tx: _Tx, raw: bytes, node: int) -> bool:
 def _clear_stale_pending(tx: _Tx, raw: bytes, tokens: dict[int, bytes]) -> bool:
     """What marking the upload done would do, if nothing changed since the
     store was seen to have the chunk (a deletion changes the tokens)."""
-    record = tx._ref(raw)
+    record = tx.record(raw)
     if record is None or record.flags & DELETING or _pending(tx.t, raw, tokens)[0] != tokens:
         return False
     for node in tokens:
@@ -1256,7 +1256,7 @@ def _clear_stale_pending(tx: _Tx, raw: bytes, tokens: dict[int, bytes]) -> bool:
 
 
 def _clear_pending_flag(tx: _Tx, raw: bytes) -> bool:
-    record = tx._ref(raw)
+    record = tx.record(raw)
     if record is None or record.flags & DELETING or not record.flags & PENDING or next(tx.t.scan(b"w" + raw, limit=1), None):
         return False
     record.flags &= ~PENDING
@@ -1265,7 +1265,7 @@ def _clear_pending_flag(tx: _Tx, raw: bytes) -> bool:
 
 
 def _set_pending_flag(tx: _Tx, raw: bytes) -> bool:
-    record = tx._ref(raw)
+    record = tx.record(raw)
     if record is None or record.flags & (PENDING | DELETING) or not next(tx.t.scan(b"w" + raw, limit=1), None):
         return False
     record.flags |= PENDING
@@ -1275,7 +1275,7 @@ def _set_pending_flag(tx: _Tx, raw: bytes) -> bool:
 
 def _take_upload(tx: _Tx, raw: bytes) -> bool:
     """This node owes the upload of a chunk its cache holds."""
-    record = tx._ref(raw)
+    record = tx.record(raw)
     if record is None or record.flags & DELETING or record.refs == 0:
         return False
     record.flags |= PENDING

@@ -234,6 +234,26 @@ def test_pending_uploads_are_per_node_and_cleared_by_the_first_upload(meta):
     assert upload(a, ref(3).chunk_id) == "done"  # nothing left to do: fine
 
 
+def test_early_uploads_no_commit_took_become_garbage(meta):
+    """A node uploads chunks before their file's commit; it dies before the
+    commit of one. Releasing its early uploads makes that chunk a garbage
+    candidate, and leaves the committed one (and another node's) alone."""
+    b = other_node(meta)
+    f = meta.mknode(ROOT_INODE, b"f", FILE, 0, 0)
+    for n in (1, 2):
+        meta.note_early_upload(ref(n).chunk_id, 10)
+    b.note_early_upload(ref(3).chunk_id, 10)
+    meta.commit_content(f.ino, 10, {0: ref(1)})  # chunk 2's file never committed
+    assert upload(meta, ref(1).chunk_id) == "done"
+    assert meta.release_early_uploads(meta.node_id) == 1
+    assert meta.chunk_record(ref(2).chunk_id) == (0, 10)
+    assert meta.garbage() == [ref(2).chunk_id]
+    assert meta.chunk_record(ref(1).chunk_id) == (1, 10) and meta.chunk_record(ref(3).chunk_id) is None
+    assert meta.release_early_uploads(meta.node_id) == 0  # each early upload is released once
+    assert collect(meta, ref(2).chunk_id) is True
+    assert b.release_early_uploads(b.node_id) == 1
+
+
 def test_open_elsewhere_keeps_an_unlinked_inode(meta):
     a, b = meta, other_node(meta)
     f = a.mknode(ROOT_INODE, b"f", FILE, 0, 0)

@@ -295,7 +295,8 @@ class _Tx:
             raw = found.get(b"r" + chunk)
             self._refs[chunk] = ChunkRecord.unpack(raw) if raw else None
 
-    def _ref(self, chunk: bytes) -> ChunkRecord | None:
+    def record(self, chunk: bytes) -> ChunkRecord | None:
+        """The chunk's record (read once per transaction), or None if the volume has none."""
         if chunk not in self._refs:
             self.load_refs([chunk])
         return self._refs[chunk]
@@ -304,7 +305,7 @@ class _Tx:
         """One more reference. A chunk new to the volume, being deleted from
         the store, or not yet uploaded by another node is recorded as pending
         upload from this node too (this node sealed it, so it has the bytes)."""
-        record = self._ref(chunk)
+        record = self.record(chunk)
         new = record is None
         if record is None:
             record = ChunkRecord(0, length)
@@ -323,7 +324,7 @@ class _Tx:
         self.to_upload.append(chunk.hex())
 
     def decref(self, chunk: bytes) -> None:
-        record = self._ref(chunk)
+        record = self.record(chunk)
         if record is None:
             return
         record.refs = max(record.refs - 1, 0)
@@ -340,7 +341,7 @@ class _Tx:
         owed = self.t.get(_k_pending(self.node, chunk)) is not None
         self.t.delete(_k_pending(self.node, chunk))
         self.t.delete(_k_holder(chunk, self.node))
-        record = self._ref(chunk)
+        record = self.record(chunk)
         if record is not None and record.flags & PENDING and not self.holders(chunk):
             record.flags &= ~PENDING
             self.t.put(b"r" + chunk, record.pack())
@@ -350,6 +351,22 @@ class _Tx:
         for node in self.holders(chunk):
             self.t.delete(_k_pending(node, chunk))
             self.t.delete(_k_holder(chunk, node))
+
+    def stored(self, chunk: bytes) -> None:
+        """The store has the chunk: no node owes its upload, and its record
+        (if the volume has one) is no longer pending."""
+        self.clear_pending(chunk)
+        record = self.record(chunk)
+        if record is not None:
+            record.flags &= ~PENDING
+            self.t.put(b"r" + chunk, record.pack())
+
+    def record_unreferenced(self, chunk: bytes, length: int) -> None:
+        """Record a chunk the volume did not know with no reference: a
+        garbage candidate from now on, which a commit may still rescue."""
+        record = self._refs[chunk] = ChunkRecord(0, length)
+        self.t.put(b"r" + chunk, record.pack())
+        self.t.put(b"g" + chunk, _u64(self.now))
 
 
 class InodeAllocator:
@@ -516,12 +533,8 @@ class MetaStore:
             for key, value in rows:
                 chunk = key[9:]
                 t.delete(key)
-                if tx._ref(chunk) is None:
-                    length = _U64.unpack(value[8:16])[0] if len(value) >= 16 else 0
-                    record = ChunkRecord(0, length)
-                    tx._refs[chunk] = record
-                    t.put(b"r" + chunk, record.pack())
-                    t.put(b"g" + chunk, _u64(tx.now))
+                if tx.record(chunk) is None:
+                    tx.record_unreferenced(chunk, _U64.unpack(value[8:16])[0] if len(value) >= 16 else 0)
                     released += 1
             return released
 
@@ -1162,12 +1175,11 @@ class MetaStore:
         raw_ids = [(bytes.fromhex(chunk), token) for chunk, token in items]
 
         def body(tx: _Tx) -> dict[str, str]:
-            t = tx.t
             keys = [k for raw, _ in raw_ids for k in (b"r" + raw, _k_pending(self.node_id, raw))]
             found = tx.load(*keys)
             out = {}
             for raw_id, token in raw_ids:
-                record = tx._ref(raw_id)
+                record = tx.record(raw_id)
                 current = found.get(_k_pending(self.node_id, raw_id))
                 if record is not None and record.flags & DELETING:
                     out[raw_id.hex()] = UPLOAD_RETRY
@@ -1176,11 +1188,8 @@ class MetaStore:
                 elif token is not None and current != token:
                     out[raw_id.hex()] = UPLOAD_RETRY
                 else:
-                    tx.clear_pending(raw_id)
+                    tx.stored(raw_id)
                     found.pop(_k_pending(self.node_id, raw_id), None)
-                    if record is not None:
-                        record.flags &= ~PENDING
-                        t.put(b"r" + raw_id, record.pack())
                     out[raw_id.hex()] = UPLOAD_DONE
             return out
 
