@@ -103,13 +103,12 @@ class _SpareArrays:
 
     def take(self, head: bytearray) -> bytearray:
         """A whole-chunk array that starts with `head` and is zero after it."""
-        if not self._free:
+        if self._free:
+            grown = self._free.pop()
+            memoryview(grown)[len(head):] = memoryview(ZERO_CHUNK)[len(head):]
+        else:
             grown = bytearray(C)
-            grown[:len(head)] = head
-            return grown
-        grown = self._free.pop()
         grown[:len(head)] = head
-        memoryview(grown)[len(head):] = memoryview(ZERO_CHUNK)[len(head):]
         return grown
 
     def give(self, data: bytearray) -> None:

@@ -219,10 +219,11 @@ class ChunkSource:
         # between this check and `_fetch`, a fetch that finishes meanwhile is
         # either in the cache here or still in flight there: never fetched twice.
         if data is None and ref.chunk_id in self.cache:
+            read = functools.partial(self.cache.read, ref.chunk_id, offset, end - offset)
             if ref.length <= INLINE_DISK_READ_MAX_CHUNK_BYTES:
-                data = self.cache.read(ref.chunk_id, offset, end - offset)
+                data = read()
             else:
-                data = await trio.to_thread.run_sync(self.cache.read, ref.chunk_id, offset, end - offset, limiter=self.disk_limiter)
+                data = await trio.to_thread.run_sync(read, limiter=self.disk_limiter)
         if data is not None:
             _READ_FROM_CACHE.inc(len(data))
             metrics.CACHE_HITS.inc()
