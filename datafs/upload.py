@@ -27,6 +27,16 @@ the store and only marks it uploaded. A file that is never committed (deleted
 while open, a failed close, or a crash) may leave its early chunks in the
 store unreferenced.
 
+A HEAD before a large chunk's PUT saves the bytes when the store has them,
+but costs as much CPU as a tenth of the PUT, on both sides. So it is asked
+only when the volume records the chunk as uploaded once (a copy of a file;
+another node's upload); a chunk nobody has uploaded through a commit can be
+in the store only from an early upload, and is PUT at once. On the embedded
+engine a committed chunk whose early upload finished is only marked
+uploaded, since nothing can delete it in between (this node's collector
+leaves held and pending chunks alone, and no other node collects). A shared
+volume's other collectors can, so there the commit's upload looks again.
+
 On a shared engine the pending set is per node (`u <node> <chunk>`): each node
 uploads what it committed, and the first upload of a chunk clears it for every
 node. A chunk is marked uploaded only if its pending token is the one read
@@ -122,6 +132,7 @@ class Uploader:
         self.yield_max_seconds = 0.0
         self._awaited: collections.Counter[str] = collections.Counter()  # chunks someone waits for
         self._early: dict[str, tuple[trio.Event, trio.CancelScope]] = {}  # early uploads in flight
+        self._stored_early: set[str] = set()  # committed chunks whose early upload finished
         self._marks: list[tuple[str, bytes, trio.Event, list]] = []
         self._mark_wake = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -140,6 +151,8 @@ class Uploader:
         for chunk in chunk_ids:
             if chunk in self._queued:
                 continue
+            if self.ledger.in_store(chunk):
+                self._stored_early.add(chunk)
             size = (sizes or {}).get(chunk, 0)
             self.ledger.pending(chunk)
             self._queued[chunk] = (size, (since_ns or {}).get(chunk, now))
@@ -203,6 +216,8 @@ class Uploader:
                 return
             if await self._upload(chunk, keep_trying=lambda: self.ledger.is_sealed(chunk) and chunk not in self._queued):
                 self.ledger.stored(chunk)
+                if chunk in self._queued:  # committed meanwhile (else `enqueue` asks the ledger)
+                    self._stored_early.add(chunk)
                 self._signal_progress()
 
     def _signal_progress(self) -> None:
@@ -324,8 +339,11 @@ class Uploader:
                 early = self._early.get(chunk)
                 if early is not None:  # let it finish: then the store has it, or it stops retrying
                     await early[0].wait()
-                await self._yield_to_requests(chunk)
-                await self._upload(chunk)
+                in_store = chunk in self._stored_early and not self.meta.shared  # see the module doc
+                self._stored_early.discard(chunk)
+                if not in_store:
+                    await self._yield_to_requests(chunk)
+                await self._upload(chunk, in_store=in_store)
                 self._dequeue(chunk)
                 self.ledger.stored(chunk, pending=True)
                 self._publish()
@@ -338,21 +356,24 @@ class Uploader:
         self.store.put_file(chunk, path)
         return True
 
-    async def _upload(self, chunk: str, keep_trying: Callable[[], bool] = lambda: True) -> bool:
+    async def _upload(self, chunk: str, keep_trying: Callable[[], bool] = lambda: True, *, in_store: bool = False) -> bool:
         """Put one chunk in the store (unless it is there) and mark it uploaded.
+        `in_store`: the store has it for sure, the first attempt only marks.
         Retries until it succeeds or `keep_trying()` says to stop; returns success."""
         delay = 0.2
         while keep_trying():
             started = time.monotonic()
             try:
                 # Read before the upload: marking it done checks it is unchanged.
-                token = await self.calls(self.meta.pending_token, chunk)
+                token, uploaded_once = await self.calls(self.meta.upload_state, chunk)
                 path = self.cache.path(chunk)
                 try:
                     size = path.stat().st_size
                 except FileNotFoundError:  # evicted after an early upload: the store should have it
                     size = CHECK_BEFORE_PUT_MIN_BYTES
-                if size < CHECK_BEFORE_PUT_MIN_BYTES or not await trio.to_thread.run_sync(
+                if in_store:
+                    in_store = False  # a retry (the mark failed) uploads again
+                elif size < CHECK_BEFORE_PUT_MIN_BYTES or not uploaded_once or not await trio.to_thread.run_sync(
                     self.store.exists, chunk, limiter=self.limiter,
                 ):
                     # One thread hop for both: a small chunk's upload is mostly hops.

@@ -254,6 +254,21 @@ def test_early_uploads_no_commit_took_become_garbage(meta):
     assert b.release_early_uploads(b.node_id) == 1
 
 
+def test_upload_state_says_whether_the_store_may_have_a_chunk(meta):
+    """Only a chunk some node uploaded through a commit is worth asking the
+    store about; the token is the one marking the upload checks."""
+    b = other_node(meta)
+    chunk = ref(4).chunk_id
+    assert meta.upload_state(chunk) == (None, False)  # unknown
+    f = meta.mknode(ROOT_INODE, b"f", FILE, 0, 0)
+    meta.commit_content(f.ino, 10, {0: ref(4)})
+    token, uploaded_once = meta.upload_state(chunk)
+    assert token is not None and token == meta.pending_token(chunk) and uploaded_once is False
+    assert b.upload_state(chunk) == (None, False)  # b owes nothing, and nobody uploaded it
+    assert meta.mark_uploaded(chunk, token) == "done"
+    assert meta.upload_state(chunk) == (None, True) and b.upload_state(chunk) == (None, True)
+
+
 def test_open_elsewhere_keeps_an_unlinked_inode(meta):
     a, b = meta, other_node(meta)
     f = a.mknode(ROOT_INODE, b"f", FILE, 0, 0)

@@ -146,6 +146,7 @@ def test_dashboard_uses_only_series_a_live_daemon_exports(mount_factory: Callabl
     m = mount_factory("metrics", ["--cache-size", "12M", "--metrics-address", f"127.0.0.1:{METRICS_PORT}"])
     data = os.urandom(6 * 4 * MiB)
     (m.path / "big").write_bytes(data)
+    (m.path / "copy").write_bytes(data)  # its chunks are asked for (HEAD), not put again
     run_cli("sync", str(m.path))
     assert _read_uncached(m.path / "big") == data
 

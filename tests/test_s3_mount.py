@@ -1,5 +1,5 @@
 """The object-store tier through the real mount, against a real S3 server
-(SeaweedFS on 127.0.0.1, ports 18500-18507): upload after close, read-back on a
+(SeaweedFS on 127.0.0.1, ports 18500-18507; metrics on 18509): upload after close, read-back on a
 node with an empty cache, crash and outage recovery, corruption, late chunks."""
 
 from __future__ import annotations
@@ -9,10 +9,12 @@ import os
 import shutil
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from datafs.chunks import chunk_id
 from datafs.config import CHUNK_SIZE_BYTES as C
@@ -21,6 +23,7 @@ from datafs.tiers.store import object_key
 from .conftest import Mount, run_cli, seaweed_fixture
 
 BASE_PORT = 18500
+METRICS_PORT = 18509
 
 
 s3 = seaweed_fixture(BASE_PORT)
@@ -31,8 +34,8 @@ def bucket(s3) -> str:
     return s3.create_bucket(f"t-{uuid.uuid4().hex[:12]}")
 
 
-def s3_mount(mount_factory, s3, bucket, name="node", *, env=None, state_dir=None, cache_dir=None) -> Mount:
-    args = ["--store", f"s3://{bucket}/fleet", "--s3-endpoint", s3.endpoint_url]
+def s3_mount(mount_factory, s3, bucket, name="node", *, env=None, state_dir=None, cache_dir=None, args=()) -> Mount:
+    args = ["--store", f"s3://{bucket}/fleet", "--s3-endpoint", s3.endpoint_url, *args]
     if cache_dir is not None:
         args += ["--cache-dir", str(cache_dir)]
     return mount_factory(name, extra_args=args, env={**s3.aws_env(), **(env or {})}, state_dir=state_dir)
@@ -233,3 +236,37 @@ def test_fsync_can_wait_for_the_object_store(mount_factory, s3, bucket):
         os.fsync(f.fileno())
         # No `datafs sync`: fsync itself returned only once the bucket had it.
         assert {object_key(c, "fleet") for c in expected_chunks(data)} <= bucket_keys(s3, bucket)
+
+
+def store_requests() -> dict[str, float]:
+    """Object-store requests the daemon made so far, by method."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "datafs_object_store_requests_total":
+                counts[sample.labels["method"]] = counts.get(sample.labels["method"], 0.0) + sample.value
+    return counts
+
+
+def test_new_chunks_are_put_without_asking_and_a_copy_is_not_put_again(mount_factory, s3, bucket):
+    """A new file's chunks go up with one PUT each and no HEAD: the volume
+    knows nobody uploaded them, and a chunk whose early upload finished is
+    only marked at the commit. A copy of the file PUTs nothing: the store is
+    asked (HEAD) about its large chunks, each at most once."""
+    m = s3_mount(mount_factory, s3, bucket, args=["--metrics-address", f"127.0.0.1:{METRICS_PORT}"])
+    data = os.urandom(3 * C + 100)
+    write(m.path / "a", data)
+    run_cli("sync", str(m.path))
+    first = store_requests()
+    assert (first.get("PUT"), first.get("HEAD", 0)) == (4, 0)
+    assert {object_key(c, "fleet") for c in expected_chunks(data)} <= bucket_keys(s3, bucket)
+    write(m.path / "b", data)
+    run_cli("sync", str(m.path))
+    second = store_requests()
+    assert second.get("PUT") == 4
+    # Each large chunk asked about at most once (one sealed at the close is
+    # not uploaded early; the commit finds it uploaded and owes nothing).
+    assert 1 <= second.get("HEAD", 0) <= 3
+    assert b"pending uploads:  0 chunks" in run_cli("status", str(m.path)).stdout.encode()
+    assert (m.path / "b").read_bytes() == data

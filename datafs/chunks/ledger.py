@@ -89,6 +89,10 @@ class ChunkLedger:
             for _ in range(self._holds[chunk]):
                 self.cache.unpin(chunk)
 
+    def in_store(self, chunk: str) -> bool:
+        """Held, and the store has it (its early upload finished)."""
+        return chunk in self._stored
+
     # ---- garbage ----------------------------------------------------------------------------
     def in_use(self, chunk: str) -> bool:
         """Held for a commit, pinned, or being deleted already: not for the collector."""

@@ -679,6 +679,21 @@ class MetaStore:
         """This node's pending-upload token for a chunk, or None if it owes no upload."""
         return self.kv.view(lambda t: t.get(_k_pending(self.node_id, bytes.fromhex(chunk_id))), consistent=False)
 
+    def upload_state(self, chunk_id: str) -> tuple[bytes | None, bool]:
+        """This node's pending-upload token for a chunk (None if it owes no
+        upload), and whether the volume records the chunk as uploaded once:
+        else the store can have it only from an early upload, and asking it
+        before a PUT is not worth the round trip."""
+        raw_id = bytes.fromhex(chunk_id)
+        pending = _k_pending(self.node_id, raw_id)
+
+        def body(t: Txn) -> tuple[bytes | None, bool]:
+            found = t.get_many([pending, b"r" + raw_id])
+            raw = found.get(b"r" + raw_id)
+            return found.get(pending), raw is not None and not ChunkRecord.unpack(raw).flags & PENDING
+
+        return self.kv.view(body, consistent=False)
+
     def is_pending(self, chunk_id: str) -> bool:
         return self.pending_token(chunk_id) is not None
 
