@@ -111,13 +111,14 @@ def test_put_get_exists_delete_round_trip(store: S3Store, tmp_path: Path, size_b
     store.delete(chunk_id)  # idempotent
 
 
-def test_get_of_a_stored_chunk_needs_no_client_call(store: S3Store, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """A GET answered whole is served by the plain signed request; only
+def test_put_and_get_of_a_chunk_need_no_client_call(store: S3Store, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PUT or GET answered whole is served by the plain signed request; only
     failures (here: an absent key) go through the client, which classifies them."""
     calls = []
     get_object = store._client.get_object
     monkeypatch.setattr(store._client, "get_object", lambda **kw: (calls.append(kw["Key"]), get_object(**kw))[1])
+    monkeypatch.setattr(store._client, "put_object", lambda **kw: pytest.fail("PUT through the client"))
     for size_bytes in (0, 16 << 10, CHUNK_SIZE):
         data = os.urandom(size_bytes)
         chunk_id, path = _chunk_file(tmp_path, data)
@@ -366,10 +367,19 @@ def test_put_bodies_are_signed_only_without_tls(endpoint: str, signed: bool, tmp
     store = S3Store("bucket", "prefix", endpoint_url=endpoint, region="us-east-1")
     sent = []
 
+    def header(request) -> str:
+        value = request.headers["x-amz-content-sha256"]
+        return value.decode() if isinstance(value, bytes) else value
+
+    def send_direct(request):  # the plain signed request, tried first: it fails, so the client sends
+        sent.append(("direct", header(request)))
+        raise OSError("not sent")
+
     def capture(request, **kwargs):
-        sent.append(request.headers["x-amz-content-sha256"].decode())
+        sent.append(("client", header(request)))
         raise _Sent()
 
+    monkeypatch.setattr(store._http, "send", send_direct)
     store._client.meta.events.register("before-send.s3.PutObject", capture)
     data = os.urandom(1 << 20)
     path = tmp_path / "chunk"
@@ -377,4 +387,4 @@ def test_put_bodies_are_signed_only_without_tls(endpoint: str, signed: bool, tmp
     with pytest.raises(_Sent):
         store.put_file(blake3.blake3(data).hexdigest(), path)
     expected = hashlib.sha256(data).hexdigest() if signed else "UNSIGNED-PAYLOAD"
-    assert sent == [expected]
+    assert sent == [("direct", expected), ("client", expected)]

@@ -229,21 +229,28 @@ class S3Store(ObjectStore):
         """One PutObject of the whole chunk file.
 
         No HEAD first: keys are content hashes, so overwriting an existing
-        object rewrites the same bytes, and the round trip would cost more
-        than the rare duplicate upload. The file object (not its bytes) is
-        passed so 32 concurrent uploads do not hold 128 MiB in memory; it is
-        seekable, so boto can compute the checksum and rewind for its retry.
+        object rewrites the same bytes (the uploader asks first only where
+        the volume says the store may have it). The file is read whole (one
+        chunk, 4 MiB at most, per upload in flight) and sent as one signed
+        PUT on the client's pool, without botocore's request pipeline:
+        measured against SeaweedFS, 4.5 ms of CPU per 4 MiB chunk instead of
+        6.8 ms, both signing the body. Anything but a 200 is sent again
+        through the client, which retries once and whose error
+        `classify_error` judges (a PUT of the same bytes twice is harmless).
         """
         key = self._key(chunk_id)
         try:
-            body = open(path, "rb")
+            with open(path, "rb") as f:
+                data = f.read()
         except FileNotFoundError as exc:
             raise StoreError(f"chunk file {path} vanished before upload: {exc}", temporary=False) from None
-        with body, metrics.store_request("PUT"):
+        except OSError as exc:
+            raise StoreError(f"reading chunk file {path} for upload: {exc}", temporary=True) from None
+        with metrics.store_request("PUT"):
+            if self._direct("PUT", key, data) is not None:
+                return
             try:
-                self._client.put_object(Bucket=self.bucket, Key=key, Body=body)
-            except OSError as exc:
-                raise StoreError(f"reading chunk file {path} for upload: {exc}", temporary=True) from None
+                self._client.put_object(Bucket=self.bucket, Key=key, Body=data)
             except (ClientError, BotoCoreError) as exc:
                 raise classify_error(exc, f"PUT {key}") from None
 
@@ -259,7 +266,7 @@ class S3Store(ObjectStore):
         failures keep one meaning, at the cost of one more request."""
         key = self._key(chunk_id)
         with metrics.store_request("GET"):
-            data = self._get_direct(key)
+            data = self._direct("GET", key)
             if data is not None:
                 return data
             try:
@@ -272,14 +279,16 @@ class S3Store(ObjectStore):
             except (ClientError, BotoCoreError) as exc:
                 raise classify_error(exc, f"GET {key}", chunk_id=chunk_id) from None
 
-    def _get_direct(self, key: str) -> bytes | None:
-        """The object's bytes from one plain signed GET, or None for anything
-        else (the caller then asks the client)."""
+    def _direct(self, method: str, key: str, body: bytes | None = None) -> bytes | None:
+        """One plain signed request on the client's pool: the answer's body
+        if it is a whole 200, else None (the caller then asks the client)."""
         if self._http is None or self._credentials is None:
             return None
         url = f"{self.endpoint_url.rstrip('/')}/{quote(self.bucket, safe='')}/{quote(key, safe='/~')}"
         try:
-            request = AWSRequest(method="GET", url=url)
+            request = AWSRequest(method=method, url=url, data=body)
+            # The client's config says whether the body is signed (see `_config`).
+            request.context["client_config"] = self._client.meta.config
             S3SigV4Auth(self._credentials.get_frozen_credentials(), "s3", self.region).add_auth(request)
             prepared = request.prepare()
             # Not botocore's read of the body (64 KiB pieces, joined: twice
@@ -291,8 +300,8 @@ class S3Store(ObjectStore):
             finally:
                 response.raw.release_conn()
             expected = response.headers.get("content-length")
-        except Exception as exc:  # the client's attempt reports it (see `get`)
-            log.debug("direct GET failed; asking the client", extra={"key": key, "error": repr(exc)})
+        except Exception as exc:  # the client's attempt reports it
+            log.debug("direct request failed; asking the client", extra={"method": method, "key": key, "error": repr(exc)})
             return None
         if response.status_code != 200 or expected is None or int(expected) != len(data):
             return None
