@@ -488,6 +488,8 @@ async def test_a_whole_request_in_memory_is_served_without_a_thread(stack, monke
     (ref,) = stack.meta.chunks(ino, 0, 1 << 62).values()
     assert await stack.source.read(ref, 0, 4096) == data[:4096]  # opens it
     stack.cache.read_ahead(ref.chunk_id)
+    # A chunk written here skipped the page cache: a plain read brings its pages in.
+    assert stack.cache.path(ref.chunk_id).read_bytes() == data
     monkeypatch.setattr(stack.cache, "read", lambda *args: pytest.fail("read through a worker thread"))
     for offset in (1 << 20, 3 << 20):
         assert await stack.source.read(ref, offset, 1 << 20) == data[offset:offset + (1 << 20)]

@@ -50,6 +50,7 @@ from typing import Iterable
 
 from .. import metrics
 from . import chunk_id as hash_chunk
+from . import direct_io
 
 log = logging.getLogger(__name__)
 
@@ -244,10 +245,15 @@ class ChunkCache:
             return False
         try:
             tmp = self.temp_path()
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            # A chunk written here goes to the store next, read back once:
+            # a whole one skips the page cache (direct_io.py).
+            fd = direct_io.create(str(tmp), data) if durable and direct_io.usable(str(tmp.parent), size) else None
+            written = fd is not None
+            if fd is None:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 view = memoryview(data)
-                while view:
+                while view and not written:
                     view = view[os.write(fd, view):]
                 if durable and not defer_sync:
                     os.fsync(fd)

@@ -20,6 +20,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Iterator
@@ -43,6 +44,7 @@ from botocore.exceptions import (
 )
 
 from .. import metrics
+from ..chunks import direct_io
 from ..errors import ChunkMissing, StoreError, UsageError
 from .store import ObjectStore, StoredChunk, is_chunk_id, object_key
 
@@ -151,6 +153,17 @@ def _config(*, connect_timeout: float, read_timeout: float, max_attempts: int, r
     )
 
 
+def _read_chunk_file(path: Path) -> bytes | memoryview:
+    """A chunk file's bytes: a whole chunk read around the page cache, as the
+    cache wrote it (direct_io.py), into this thread's buffer."""
+    size = os.stat(path).st_size
+    data = direct_io.read_whole(str(path), size) if direct_io.usable(str(path.parent), size) else None
+    if data is None:
+        with open(path, "rb") as f:
+            data = f.read()
+    return data
+
+
 class S3Store(ObjectStore):
     tier = "store"
 
@@ -240,8 +253,7 @@ class S3Store(ObjectStore):
         """
         key = self._key(chunk_id)
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = _read_chunk_file(path)
         except FileNotFoundError as exc:
             raise StoreError(f"chunk file {path} vanished before upload: {exc}", temporary=False) from None
         except OSError as exc:
@@ -250,7 +262,7 @@ class S3Store(ObjectStore):
             if self._direct("PUT", key, data) is not None:
                 return
             try:
-                self._client.put_object(Bucket=self.bucket, Key=key, Body=data)
+                self._client.put_object(Bucket=self.bucket, Key=key, Body=bytes(data))
             except (ClientError, BotoCoreError) as exc:
                 raise classify_error(exc, f"PUT {key}") from None
 
