@@ -4,6 +4,7 @@ fetched chunks and filesystems that refuse O_DIRECT use the page cache."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -15,7 +16,7 @@ import pytest
 from datafs.chunks import chunk_id, direct_io
 from datafs.chunks.cache import ChunkCache
 from datafs.config import CHUNK_SIZE_BYTES as C
-from datafs.tiers.s3_store import _read_chunk_file
+from datafs.tiers.s3_store import _chunk_file_bytes
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -52,9 +53,11 @@ def test_a_whole_chunk_written_skips_the_page_cache_and_reads_back(tmp_path: Pat
     assert resident_pages(cache.path(chunk_id(whole))) == 0
     assert resident_pages(cache.path(chunk_id(small))) == len(small) // mmap.PAGESIZE
     assert cache.verify(chunk_id(whole)) and cache.verify(chunk_id(small))
-    assert bytes(_read_chunk_file(cache.path(chunk_id(whole)))) == whole  # the upload's read
+    with _chunk_file_bytes(cache.path(chunk_id(whole))) as data:  # the upload's read
+        assert isinstance(data, memoryview) and data == whole
     assert resident_pages(cache.path(chunk_id(whole))) == 0
-    assert _read_chunk_file(cache.path(chunk_id(small))) == small
+    with _chunk_file_bytes(cache.path(chunk_id(small))) as data:
+        assert data == small
 
 
 def test_a_fetched_chunk_stays_in_the_page_cache(tmp_path: Path):
@@ -89,7 +92,8 @@ def test_a_filesystem_refusing_o_direct_gets_plain_io(tmp_path: Path, monkeypatc
     assert cache.put(chunk_id(other), other, defer_sync=True)
     assert len(refused) == 1  # the second chunk was not tried that way
     assert cache.path(chunk_id(data)).read_bytes() == data
-    assert bytes(_read_chunk_file(cache.path(chunk_id(other)))) == other
+    with _chunk_file_bytes(cache.path(chunk_id(other))) as data:
+        assert data == other
     assert len(refused) == 2  # the chunks' directory is asked once too
     assert os.listdir(cache.temp_path().parent) == []  # no temp file left behind
 
@@ -97,5 +101,23 @@ def test_a_filesystem_refusing_o_direct_gets_plain_io(tmp_path: Path, monkeypatc
 def test_a_file_whose_size_changed_is_read_plainly(tmp_path: Path):
     path = tmp_path / "chunk"
     path.write_bytes(os.urandom(C))
-    assert direct_io.read_whole(str(path), C - 4096) is None
-    assert bytes(direct_io.read_whole(str(path), C)) == path.read_bytes()
+    with direct_io.read_whole(str(path), C - 4096) as data:
+        assert data is None
+    with direct_io.read_whole(str(path), C) as data:
+        assert data == path.read_bytes()
+
+
+def test_buffers_are_reused_and_few_are_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Buffers go back to the pool after use, the last one first; beyond
+    SPARE_BUFFERS, idle ones are freed."""
+    monkeypatch.setattr(direct_io, "_spare", [])
+    path = tmp_path / "chunk"
+    path.write_bytes(os.urandom(C))
+    with direct_io.read_whole(str(path), C) as data:
+        first = data.obj
+    with direct_io.read_whole(str(path), C) as data:
+        assert data.obj is first
+    with contextlib.ExitStack() as stack:
+        views = [stack.enter_context(direct_io.read_whole(str(path), C)) for _ in range(direct_io.SPARE_BUFFERS + 2)]
+        assert len({id(v.obj) for v in views}) == direct_io.SPARE_BUFFERS + 2
+    assert len(direct_io._spare) == direct_io.SPARE_BUFFERS

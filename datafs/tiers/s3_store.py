@@ -19,6 +19,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -153,15 +154,23 @@ def _config(*, connect_timeout: float, read_timeout: float, max_attempts: int, r
     )
 
 
-def _read_chunk_file(path: Path) -> bytes | memoryview:
-    """A chunk file's bytes: a whole chunk read around the page cache, as the
-    cache wrote it (direct_io.py), into this thread's buffer."""
-    size = os.stat(path).st_size
-    data = direct_io.read_whole(str(path), size) if direct_io.usable(str(path.parent), size) else None
-    if data is None:
-        with open(path, "rb") as f:
-            data = f.read()
-    return data
+@contextlib.contextmanager
+def _chunk_file_bytes(path: Path) -> Iterator[bytes | memoryview]:
+    """A chunk file's bytes, inside the block: a whole chunk read around the
+    page cache, as the cache wrote it (direct_io.py)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            size = os.stat(path).st_size
+            data = None
+            if direct_io.usable(str(path.parent), size):
+                data = stack.enter_context(direct_io.read_whole(str(path), size))
+            if data is None:
+                data = path.read_bytes()
+        except FileNotFoundError as exc:
+            raise StoreError(f"chunk file {path} vanished before upload: {exc}", temporary=False) from None
+        except OSError as exc:
+            raise StoreError(f"reading chunk file {path} for upload: {exc}", temporary=True) from None
+        yield data
 
 
 class S3Store(ObjectStore):
@@ -252,13 +261,7 @@ class S3Store(ObjectStore):
         `classify_error` judges (a PUT of the same bytes twice is harmless).
         """
         key = self._key(chunk_id)
-        try:
-            data = _read_chunk_file(path)
-        except FileNotFoundError as exc:
-            raise StoreError(f"chunk file {path} vanished before upload: {exc}", temporary=False) from None
-        except OSError as exc:
-            raise StoreError(f"reading chunk file {path} for upload: {exc}", temporary=True) from None
-        with metrics.store_request("PUT"):
+        with _chunk_file_bytes(path) as data, metrics.store_request("PUT"):
             if self._direct("PUT", key, data) is not None:
                 return
             try:
