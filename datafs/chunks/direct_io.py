@@ -5,15 +5,16 @@ object store; the file is read back once, for that upload. Through the page
 cache each byte would be copied into a page of its own and kept there,
 beside the copy the kernel already holds in the mount's own page cache: two
 cached copies of every byte written, and the CPU to fill the second. With
-O_DIRECT the disk takes the bytes from, and gives them back into, a buffer
-this thread reuses. Measured on this project's 2-core VM, 256 x 4 MiB files
+O_DIRECT the disk takes the bytes from, and gives them back into, a reused
+buffer. Measured on this project's 2-core VM, 256 x 4 MiB files
 with the page cache dropped first: 2.6 s of CPU buffered, 0.1 s direct
 (whose freshly allocated pages are the VM's costliest; on any machine the
 copy and the page allocation go).
 
 Only whole, aligned lengths of at least `DIRECT_MIN_BYTES` go this way
-(every full 4 MiB chunk); a filesystem that refuses O_DIRECT (tmpfs, some
-FUSE filesystems) is remembered per directory, and plain I/O is used there.
+(every full 4 MiB chunk); a filesystem that refuses O_DIRECT (EINVAL: some
+FUSE filesystems, tmpfs before Linux 6.6) is remembered per directory, and
+plain I/O is used there.
 Callers run these in worker threads. The chunk-sized, page-aligned buffers
 O_DIRECT needs come from a pool: taken for one write, or for the life of an
 upload's read, then given back, the most recently used first (its pages are

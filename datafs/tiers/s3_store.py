@@ -294,7 +294,7 @@ class S3Store(ObjectStore):
             except (ClientError, BotoCoreError) as exc:
                 raise classify_error(exc, f"GET {key}", chunk_id=chunk_id) from None
 
-    def _direct(self, method: str, key: str, body: bytes | None = None) -> bytes | None:
+    def _direct(self, method: str, key: str, body: bytes | memoryview | None = None) -> bytes | None:
         """One plain signed request on the client's pool: the answer's body
         if it is a whole 200, else None (the caller then asks the client)."""
         if self._http is None or self._credentials is None:
