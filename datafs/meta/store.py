@@ -694,9 +694,6 @@ class MetaStore:
 
         return self.kv.view(body, consistent=False)
 
-    def is_pending(self, chunk_id: str) -> bool:
-        return self.pending_token(chunk_id) is not None
-
     def chunk_holders(self, chunk_id: str) -> list[int]:
         """Nodes that committed this chunk and hold it until it is uploaded."""
         raw = bytes.fromhex(chunk_id)
