@@ -558,7 +558,7 @@ class Operations(pyfuse3.Operations):
         return handle
 
     @_fuse_op
-    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:
         handle = self._handle(fh)
         handle.note_read(off, size)
         try:

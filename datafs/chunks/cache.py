@@ -228,14 +228,17 @@ class ChunkCache:
 
     # ---- data ------------------------------------------------------------------------
     def put(self, chunk_id: str, data: bytes | bytearray | memoryview, durable: bool = True, *,
-            defer_sync: bool = False) -> bool:
+            defer_sync: bool = False, direct: bool | None = None) -> bool:
         """Store a chunk unless present. Returns whether the chunk is in the
         cache now: False means it does not fit (only pinned chunks are left to
         evict) and nothing was written. A full disk raises OSError(ENOSPC).
         `durable`: the chunk exists nowhere else yet and must survive a power
         loss; it is fsynced before its rename, or, with `defer_sync`, written
         now and owed a sync (`unsynced`, paid by `sync`). Chunks fetched from
-        a tier that keeps them need neither (a crash only costs a re-fetch)."""
+        a tier that keeps them need neither (a crash only costs a re-fetch).
+        `direct`: a whole chunk goes around the page cache (direct_io.py):
+        nobody reads its file soon from memory. By default, a durable one: it
+        is read back once, for its upload."""
         with self._lock:
             if chunk_id in self._lru:
                 self._lru.move_to_end(chunk_id)
@@ -245,9 +248,9 @@ class ChunkCache:
             return False
         try:
             tmp = self.temp_path()
-            # A chunk written here goes to the store next, read back once:
-            # a whole one skips the page cache (direct_io.py).
-            fd = direct_io.create(str(tmp), data) if durable and direct_io.usable(str(tmp.parent), size) else None
+            if direct is None:
+                direct = durable
+            fd = direct_io.create(str(tmp), data) if direct and direct_io.usable(str(tmp.parent), size) else None
             written = fd is not None
             if fd is None:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

@@ -289,7 +289,7 @@ class FileContent:
         """A new open(): reads that failed before are tried afresh."""
         self._failed_reads.clear()
 
-    async def read(self, offset: int, size: int) -> bytes | bytearray:
+    async def read(self, offset: int, size: int) -> bytes | bytearray | memoryview:
         end = min(offset + size, self.size)
         if offset >= end:
             return b""
@@ -305,7 +305,7 @@ class FileContent:
         # Most requests fall inside one chunk: hand that piece on uncopied.
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-    async def _read_piece(self, index: int, start: int, stop: int, deadline: float) -> bytes | bytearray:
+    async def _read_piece(self, index: int, start: int, stop: int, deadline: float) -> bytes | bytearray | memoryview:
         # The overlay and the committed chunk list are read together, with no
         # await in between: a commit moves buffered chunks from one to the other
         # in one step, so a chunk list fetched before an earlier piece's await
@@ -325,7 +325,7 @@ class FileContent:
             ref, limit = self._committed(index)
         else:
             ref, limit = entry, (entry.length if entry else 0)
-        data: bytes | bytearray = b""
+        data: bytes | bytearray | memoryview = b""
         if ref is not None and start < limit:
             failed = self._failed_reads.get(index)
             if failed is not None and trio.current_time() - failed[0] < FAILED_READ_MEMORY_SECONDS:
@@ -338,7 +338,7 @@ class FileContent:
             self._failed_reads.pop(index, None)
         if len(data) == stop - start:
             return data  # handed on as it is: no copy
-        return data + bytes(stop - start - len(data))  # a hole, or past a short chunk's end: zeros
+        return b"".join((data, bytes(stop - start - len(data))))  # a hole, or past a short chunk's end: zeros
 
     def prefetch(self, first: int, count: int) -> None:
         """Ask the tiers to fetch committed chunks first..first+count-1 ahead of a reader."""

@@ -22,6 +22,13 @@ they are fetched into the cache in the background, at most `prefetch_chunks` at
 a time (that bounds the memory in flight), so a cold sequential read keeps many
 requests to the store in flight instead of one.
 
+A chunk fetched for a reader is read moments later, whole (a prefetched one
+by the reader that asked for it): its bytes stay in memory until they have
+been read once or newer fetches push them out (`_RecentChunks`), and its
+cache file is written around the page cache (direct_io.py), since nobody
+reads that file soon. A chunk fetched for a peer is sent from its file at
+once, so that one goes through the page cache.
+
 Sealing is the write side: hash a buffer, hold the id in the ledger (so the
 collector does not delete it before the metadata commit, and the cache does
 not evict the only copy), store it (fsynced first, or, with `defer_sync` on
@@ -43,6 +50,7 @@ constants below).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import functools
@@ -54,6 +62,7 @@ from typing import Awaitable, Callable, Iterator
 import trio
 
 from .. import errors, metrics
+from ..chunks import CHUNK_SIZE_BYTES
 from ..chunks import chunk_id as hash_chunk
 from ..chunks.cache import ChunkCache
 from ..chunks.ledger import ChunkLedger
@@ -105,6 +114,41 @@ INLINE_DISK_READ_MAX_CHUNK_BYTES = INLINE_STORE_MAX_BYTES
 _READ_FROM_CACHE = metrics.READ_BYTES.labels("cache")
 
 
+class _RecentChunks:
+    """Chunks fetched for readers, kept in memory until their bytes have
+    been read once (a sequential reader is done with the chunk then) or, up
+    to `limit_bytes`, newer ones push them out, oldest first. Runs on the
+    event loop only."""
+
+    def __init__(self, limit_bytes: int):
+        self.limit_bytes = limit_bytes
+        self.size_bytes = 0
+        # chunk id -> [bytes, how many of them readers took so far]
+        self._chunks: collections.OrderedDict[str, list] = collections.OrderedDict()
+
+    def add(self, chunk_id: str, data: bytes | bytearray) -> None:
+        if chunk_id in self._chunks or len(data) > self.limit_bytes:
+            return
+        self._chunks[chunk_id] = [data, 0]
+        self.size_bytes += len(data)
+        while self.size_bytes > self.limit_bytes:
+            self._drop(next(iter(self._chunks)))
+
+    def read(self, chunk_id: str, offset: int, size: int) -> memoryview | None:
+        """A view of bytes [offset, offset + size) if the chunk is here."""
+        entry = self._chunks.get(chunk_id)
+        if entry is None:
+            return None
+        data = entry[0]
+        entry[1] += size
+        if entry[1] >= len(data):
+            self._drop(chunk_id)
+        return memoryview(data)[offset:offset + size]
+
+    def _drop(self, chunk_id: str) -> None:
+        self.size_bytes -= len(self._chunks.pop(chunk_id)[0])
+
+
 class _Fetch:
     """One fetch in flight; the readers waiting on it share its outcome."""
 
@@ -138,6 +182,9 @@ class ChunkSource:
         # shared): the uploader, the collector and the peer tier use the same one.
         self.ledger = ledger or ChunkLedger(cache)
         self.prefetch_slots = prefetch_chunks
+        # Two windows: a sequential reader is at most one window behind its
+        # prefetches, with room for a second reader.
+        self._recent = _RecentChunks(2 * prefetch_chunks * CHUNK_SIZE_BYTES)
         # Back-pressure: when the cache is full of pinned (not yet uploaded)
         # chunks, a writer waits this long for uploads to free space, then ENOSPC.
         self.space_wait_seconds = space_wait_seconds
@@ -206,14 +253,17 @@ class ChunkSource:
         """The deadline of a read that starts now (trio time)."""
         return trio.current_time() + self.wait_timeout_seconds
 
-    async def read(self, ref: ChunkRef, offset: int, size: int, deadline: float | None = None) -> bytes | bytearray:
+    async def read(self, ref: ChunkRef, offset: int, size: int,
+                   deadline: float | None = None) -> bytes | bytearray | memoryview:
         """Bytes [offset, offset+size) of a chunk (shorter if the chunk is);
-        EIO if the chunk cannot be had by `deadline` (default: the chunk wait)."""
+        EIO if the chunk cannot be had by `deadline` (default: the chunk wait).
+        A view of a fetched chunk is not copied: the caller copies it or
+        hands it to the kernel."""
         end = min(offset + size, ref.length)
         if offset >= end:
             return b""
-        data: bytes | bytearray | None = None
-        if end - offset <= INLINE_READ_MAX_BYTES:
+        data: bytes | bytearray | memoryview | None = self._recent.read(ref.chunk_id, offset, end - offset)
+        if data is None and end - offset <= INLINE_READ_MAX_BYTES:
             data = self.cache.read_resident(ref.chunk_id, offset, end - offset)
         # No thread hop just to learn it is not here; and with no await
         # between this check and `_fetch`, a fetch that finishes meanwhile is
@@ -231,19 +281,23 @@ class ChunkSource:
             return data
         metrics.CACHE_MISSES.inc()
         metrics.CACHE_MISS_BYTES.inc(end - offset)
-        whole, tier = await self._fetch(ref, deadline)
+        whole, tier = await self._fetch(ref, deadline, for_reader=True)
         metrics.READ_BYTES.labels(tier).inc(end - offset)
-        return bytes(memoryview(whole)[offset:end])
+        view = self._recent.read(ref.chunk_id, offset, end - offset)  # counts this read there
+        return view if view is not None else memoryview(whole)[offset:end]
 
-    async def fetch(self, ref: ChunkRef, deadline: float | None = None) -> bytes | bytearray:
+    async def fetch(self, ref: ChunkRef, deadline: float | None = None, for_reader: bool = False) -> bytes | bytearray:
         """Bring a chunk into the cache (single-flight) and return its bytes.
         On return the chunk is in the cache (unless it did not fit): the peer
-        server answers from the cache file right after."""
-        return (await self._fetch(ref, deadline, cached=True))[0]
+        server answers from the cache file right after. `for_reader`: a
+        reader on this node reads it next (see the module doc)."""
+        return (await self._fetch(ref, deadline, cached=True, for_reader=for_reader))[0]
 
-    async def _fetch(self, ref: ChunkRef, deadline: float | None, cached: bool = False) -> tuple[bytes | bytearray, str]:
+    async def _fetch(self, ref: ChunkRef, deadline: float | None, cached: bool = False,
+                     for_reader: bool = False) -> tuple[bytes | bytearray, str]:
         """The chunk's bytes and the tier that served them; with `cached`, not
-        before the chunk is in the cache (a reader needs only the bytes)."""
+        before the chunk is in the cache (a reader needs only the bytes).
+        The first caller's `for_reader` decides where the bytes are kept."""
         if deadline is None:
             deadline = self.deadline()
         while True:
@@ -266,12 +320,15 @@ class ChunkSource:
             # a sequential reader behind a prefetch); it stays in flight until
             # it is in the cache, so nobody fetches it again meanwhile.
             pending.data, pending.tier = data, tier
+            if for_reader:
+                self._recent.add(ref.chunk_id, data)
             pending.done.set()
             # No room (the cache is full of chunks not uploaded yet), or the
             # cache's disk fails: the reader gets the bytes all the same, they
             # are just not kept.
+            put = functools.partial(self.cache.put, ref.chunk_id, data, False, direct=for_reader)
             try:
-                await trio.to_thread.run_sync(self.cache.put, ref.chunk_id, data, False, limiter=self.disk_limiter)
+                await trio.to_thread.run_sync(put, limiter=self.disk_limiter)
             except OSError as exc:
                 log.warning("could not keep a fetched chunk in the cache", extra={"chunk": ref.chunk_id, "error": str(exc)})
             return data, tier
@@ -320,7 +377,7 @@ class ChunkSource:
         try:
             if ref.chunk_id in self.cache:  # a reader fetched it since it was asked for
                 return
-            await self.fetch(ref)
+            await self.fetch(ref, for_reader=True)
             metrics.PREFETCHED_CHUNKS.inc()
         except Exception as exc:  # the reader's own fetch will report it
             log.debug("prefetch failed", extra={"chunk": ref.chunk_id, "error": str(exc)})
