@@ -2,17 +2,20 @@
 store: the pyfuse3 ceiling of the cold-read row.
 
 `python -m benchmarks.s3read MOUNTPOINT --endpoint URL --bucket B --prefix P
---objects N` shows one read-only file, `MOUNTPOINT/cold`, made of the N
-objects `P000000`, `P000001`, ... of 4 MiB each, in the foreground, until it
-is unmounted or gets SIGTERM or SIGINT (then it unmounts itself). Credentials
-come from the environment (AWS_ACCESS_KEY_ID, ...), as boto3 reads them.
+--objects N` shows one read-only file, `MOUNTPOINT/cold`, made of N objects of
+4 MiB each, named as datafs names chunks under P (`block_ids`: chunk-like
+names, not hashes of the bytes), in the foreground, until it is unmounted or
+gets SIGTERM or SIGINT (then it unmounts itself). Credentials come from the
+environment (AWS_ACCESS_KEY_ID, ...), as boto3 reads them.
 
 A read of block i starts GETs of blocks i .. i+WINDOW-1 that are not in
 flight yet (the read-ahead a cold sequential reader needs: a GET's latency is
 hidden behind the ones before it), each in a worker thread, and waits for
-block i. The bytes stay in memory until the read of a block's last byte, and
-are handed to the kernel as they are. Nothing else: no hashing, no disk
-cache, no metadata, no retries. Whatever a real daemon (datafs: verify the
+block i. Each GET is datafs's own (`S3Store.get`: one signed request on
+boto3's pool, the cheapest this project has found), so the two differ only
+in what datafs does around it. The bytes stay in memory until the read of a
+block's last byte, and are handed to the kernel as they are. Nothing else:
+no hashing, no disk cache, no metadata. Whatever a real daemon (datafs: verify the
 hash, keep the chunk in its cache) does on top can only be slower, so on this
 machine a cold read through pyfuse3 cannot beat this one. It mounts with
 datafs's kernel settings (`datafs.fuse_kernel`) and its window is datafs's
@@ -28,12 +31,12 @@ import stat
 import sys
 from pathlib import Path
 
-import boto3
-import botocore.config
 import pyfuse3
 import trio
 
 from datafs import fuse_kernel
+from datafs.chunks import chunk_id
+from datafs.tiers.s3_store import S3Store
 
 from .passthrough import serve
 
@@ -46,6 +49,12 @@ FILE_INODE = pyfuse3.ROOT_INODE + 1
 ATTR_TIMEOUT_SECONDS = 300
 
 
+def block_ids(count: int) -> list[str]:
+    """The names of the file's blocks in the bucket: chunk ids, so that
+    `S3Store` finds them where it finds datafs's chunks."""
+    return [chunk_id(b"s3read block %d" % i) for i in range(count)]
+
+
 class _Block:
     __slots__ = ("data", "done", "error")
 
@@ -56,9 +65,9 @@ class _Block:
 
 
 class ColdFile(pyfuse3.Operations):
-    def __init__(self, client, bucket: str, keys: list[str]):
+    def __init__(self, store: S3Store, keys: list[str]):
         super().__init__()
-        self.client, self.bucket, self.keys = client, bucket, keys
+        self.store, self.keys = store, keys
         self.nursery: trio.Nursery | None = None  # where the GETs run: set once the loop runs
         self.size_bytes = len(keys) * BLOCK_BYTES
         self.blocks: dict[int, _Block] = {}
@@ -113,15 +122,12 @@ class ColdFile(pyfuse3.Operations):
     async def _fetch(self, index: int) -> None:
         block = self.blocks[index]
         try:
-            block.data = await trio.to_thread.run_sync(self._get, self.keys[index], limiter=self.limiter)
+            block.data = await trio.to_thread.run_sync(self.store.get, self.keys[index], limiter=self.limiter)
         except Exception as exc:  # the reader reports it as EIO
             logging.getLogger(__name__).error("GET %s failed: %s", self.keys[index], exc)
             block.error = exc
         finally:
             block.done.set()
-
-    def _get(self, key: str) -> bytes:
-        return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,17 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mountpoint", type=Path)
     parser.add_argument("--endpoint", required=True, help="S3 endpoint URL")
     parser.add_argument("--bucket", required=True)
-    parser.add_argument("--prefix", default="", help="object keys are PREFIX000000, PREFIX000001, ...")
+    parser.add_argument("--prefix", default="", help="the objects are under PREFIX/chunks/, as datafs's chunks")
     parser.add_argument("--objects", type=int, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.objects < 1:
         parser.error("--objects must be at least 1")
-    client = boto3.client("s3", endpoint_url=args.endpoint, config=botocore.config.Config(
-        max_pool_connections=WINDOW, connect_timeout=10, read_timeout=60, retries={"max_attempts": 3}))
-    keys = [f"{args.prefix}{i:06d}" for i in range(args.objects)]
+    store = S3Store(args.bucket, args.prefix, args.endpoint)
     mountpoint = args.mountpoint.resolve()
-    operations = ColdFile(client, args.bucket, keys)
+    operations = ColdFile(store, block_ids(args.objects))
     try:
         pyfuse3.init(operations, str(mountpoint), fuse_kernel.mount_options("s3read", "s3read"))
     except (OSError, RuntimeError) as exc:

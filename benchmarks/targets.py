@@ -46,10 +46,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from datafs.daemon import read_daemon_pid
+from datafs.tiers.store import object_key
 
 from . import system
 from .errors import BenchError
 from .objstore import delete_keys, prepare_bucket
+from .s3read import block_ids
 from .sizes import BLOCK_BYTES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -402,7 +404,7 @@ class Pyfuse3Target(Target):
         if not self.reads_store:
             raise BenchError("the pyfuse3 target has no object store to read from")
         objects = max(1, size_bytes // BLOCK_BYTES)
-        keys = [f"{self.prefix}{i:06d}" for i in range(objects)]
+        keys = [object_key(block, self.prefix) for block in block_ids(objects)]
         prepare_bucket(self.server, self.client, self.bucket)
         with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
             list(pool.map(lambda key: self.client.put_object(Bucket=self.bucket, Key=key,

@@ -242,8 +242,10 @@ def test_pyfuse3_s3_reader_serves_the_objects_in_order_and_leaves_nothing(tmp_pa
     reads: the bucket's bytes, in order, at any offset, or its speed would
     prove nothing. Writes are refused, and the objects, the mount and the
     daemon are gone afterwards."""
+    from benchmarks.s3read import block_ids
     from benchmarks.sizes import BLOCK_BYTES
     from datafs import mounts
+    from datafs.tiers.store import object_key
     from devtools.seaweed import SeaweedServer
 
     server = SeaweedServer(tmp_path / "weed", S3READ_BASE_PORT)
@@ -255,8 +257,8 @@ def test_pyfuse3_s3_reader_serves_the_objects_in_order_and_leaves_nothing(tmp_pa
         assert target.reads_store
         with target.cold_file(3 * BLOCK_BYTES) as path:
             pid = target.s3read.pid
-            expected = b"".join(client.get_object(Bucket=target.bucket, Key=f"{target.prefix}{i:06d}")["Body"].read()
-                                for i in range(3))
+            expected = b"".join(client.get_object(Bucket=target.bucket, Key=object_key(block, target.prefix))["Body"].read()
+                                for block in block_ids(3))
             assert len(expected) == 3 * BLOCK_BYTES and path.stat().st_size == len(expected)
             with open(path, "rb") as f:
                 f.seek(2 * BLOCK_BYTES - 7)  # across a block boundary, before the blocks ahead of it
