@@ -100,6 +100,9 @@ CHUNK_FETCH_SECONDS = histogram(
     "datafs_chunk_fetch_seconds", "Time to fetch and verify one chunk", ("tier",), buckets=_NETWORK_BUCKETS,
 )
 PREFETCHED_CHUNKS = counter("datafs_prefetched_chunks_total", "Chunks fetched ahead of a sequential reader")
+KERNEL_PUSHED_BYTES = counter(
+    "datafs_kernel_pushed_bytes_total", "Bytes of whole chunks put in the kernel's page cache for random readers",
+)
 WRITE_STALLS = counter("datafs_write_stalls_total", "Times a writer waited for uploads to free cache space")
 CHUNKS_SEALED = counter("datafs_chunks_sealed_total", "Chunks hashed and written to the local cache")
 

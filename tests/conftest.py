@@ -17,8 +17,10 @@ missing PostgreSQL fails those tests, as a missing /dev/fuse does.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
+import mmap
 import os
 import signal
 import subprocess
@@ -179,6 +181,34 @@ def read_fresh(path: Path) -> bytes:
     """Open anew (close-to-open across nodes) and read everything."""
     with open(path, "rb") as f:
         return f.read()
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+def resident_pages(path: Path, start: int = 0, length: int | None = None) -> int:
+    """How many pages of the file (of [start, start + length), page-aligned)
+    are in the page cache: mincore(2) of a mapping never touched, so asking
+    brings nothing in. Works on the mount's files too."""
+    if length is None:
+        length = path.stat().st_size - start
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            pages = (length + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+            vec = (ctypes.c_ubyte * pages)()
+            assert _libc.mincore(addr, length, vec) == 0, os.strerror(ctypes.get_errno())
+            return sum(v & 1 for v in vec)
+        finally:
+            _libc.munmap(addr, length)
+    finally:
+        os.close(fd)
 
 
 def seaweed_fixture(base_port: int):

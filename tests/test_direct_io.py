@@ -7,7 +7,6 @@ the page cache."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import mmap
 import os
@@ -23,30 +22,7 @@ from datafs.tiers.chain import ChunkSource
 from datafs.tiers.file_store import FileStore
 from datafs.tiers.s3_store import _chunk_file_bytes
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-
-
-def resident_pages(path: Path) -> int:
-    """How many of the file's pages are in the page cache (mincore(2) of a
-    mapping never touched, so asking brings nothing in)."""
-    size = path.stat().st_size
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
-        try:
-            pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-            vec = (ctypes.c_ubyte * pages)()
-            assert _libc.mincore(addr, size, vec) == 0, os.strerror(ctypes.get_errno())
-            return sum(v & 1 for v in vec)
-        finally:
-            _libc.munmap(addr, size)
-    finally:
-        os.close(fd)
+from .conftest import resident_pages
 
 
 def test_a_whole_chunk_written_skips_the_page_cache_and_reads_back(tmp_path: Path):

@@ -340,6 +340,21 @@ class FileContent:
             return data  # handed on as it is: no copy
         return b"".join((data, bytes(stop - start - len(data))))  # a hole, or past a short chunk's end: zeros
 
+    @property
+    def clean(self) -> bool:
+        """Nothing written since the last commit: reads see the committed chunks."""
+        return not self.dirty and not self.entries and self.cut is None and self.failure is None
+
+    async def committed_piece(self, index: int) -> bytes | bytearray | memoryview | None:
+        """The committed bytes of chunk `index` as reads see them (up to the
+        size), or None for a hole or past the end."""
+        await self._load_map()
+        ref, limit = self._committed(index)
+        limit = min(limit, self.size - index * C)
+        if ref is None or limit <= 0:
+            return None
+        return await self.svc.source.read(ref, 0, limit)
+
     def prefetch(self, first: int, count: int) -> None:
         """Ask the tiers to fetch committed chunks first..first+count-1 ahead of a reader."""
         last = min(first + count, (self.size + C - 1) // C) - 1
