@@ -118,6 +118,11 @@ PREFETCH_MAX_WINDOW_CHUNKS = 16
 #: kernel dropped its pages since (fadvise DONTNEED, drop_caches, memory
 #: pressure): it is pushed again, once in this long at most.
 PUSH_CHUNK_AGAIN_SECONDS = 1.0
+#: Only reads smaller than this push: a sequential reader's requests are
+#: 1 MiB (the kernel's readahead, several in flight and not always in
+#: order), and pushing the chunks under them cost a sequential read of the
+#: local cache, page cache dropped, a third of its speed.
+PUSH_MAX_READ_BYTES = 256 << 10
 #: Pushes wait while the node's available memory is under this share of it:
 #: a working set larger than memory would have every small read bring a
 #: whole chunk back in, to push out another.
@@ -725,7 +730,7 @@ class Operations(pyfuse3.Operations):
             data = await handle.content.read(off, size)
         except errors.FsError as exc:  # the chunk's error, plus which file it broke
             raise errors.FsError(f"reading inode {handle.ino} at offset {off}: {exc}", exc.errno) from exc
-        if not handle.window and data:
+        if not handle.window and 0 < len(data) < PUSH_MAX_READ_BYTES:
             self._push_chunk_soon(handle, off // CHUNK_SIZE_BYTES)
         return data
 
