@@ -253,15 +253,14 @@ class Operations(pyfuse3.Operations):
         self.lookups: collections.Counter[int] = collections.Counter()
         self.open_count: collections.Counter[int] = collections.Counter()
         self.writers: collections.Counter[int] = collections.Counter()  # handles open for writing, per inode
-        # Chunks being pushed into the kernel's page cache, per inode, and
-        # when each (inode, chunk) was last pushed.
-        self.pushes: dict[int, _Pushes] = {}
+        self.pushes: dict[int, _Pushes] = {}  # chunks being pushed into the kernel's page cache, per inode
         self._pushes_held: collections.Counter[int] = collections.Counter()  # requests no push may start under
         # Bumped whenever this kernel's pages of an inode may no longer hold
         # (another node's version opened, a truncate): a push read before is dropped.
         self._page_generation: collections.Counter[int] = collections.Counter()
         self._pushed_late: set[int] = set()  # inodes whose pages to drop when their pushes end
         self._memory = _AvailableMemory(PUSH_MIN_AVAILABLE_MEMORY)
+        # When each (inode, chunk) was last pushed.
         self._pushed: collections.OrderedDict[tuple[int, int], float] = collections.OrderedDict()
         self.contents: dict[int, FileContent] = {}
         self.handles: dict[int, _Handle] = {}
@@ -380,9 +379,7 @@ class Operations(pyfuse3.Operations):
         or a truncate, which wait for pushes in flight (`_settled_pushes`)."""
         if pyfuse3.trio_token is None or self.svc.nursery is None:
             return  # not mounted (the Operations called directly)
-        if self.writers.get(handle.ino) or self._pushes_held.get(handle.ino) or not handle.content.clean:
-            return
-        if not self._memory.plentiful():
+        if not self._may_push(handle.ino, handle.content) or not self._memory.plentiful():
             return
         key = (handle.ino, index)
         now = time.monotonic()
@@ -394,6 +391,11 @@ class Operations(pyfuse3.Operations):
             self._pushed.popitem(last=False)
         self.svc.nursery.start_soon(self._push_chunk, handle.ino, handle.content, index, self._page_generation[handle.ino])
 
+    def _may_push(self, ino: int, content: FileContent) -> bool:
+        """No handle open for writing, no request changing the file's cached
+        pages under way, nothing written and not committed."""
+        return not self.writers.get(ino) and not self._pushes_held.get(ino) and content.clean
+
     async def _push_chunk(self, ino: int, content: FileContent, index: int, generation: int) -> None:
         try:
             data = await content.committed_piece(index)
@@ -401,8 +403,7 @@ class Operations(pyfuse3.Operations):
             return
         # Looked at again after the await, and counted before the next one:
         # an open for writing or a truncate from now on waits for this push.
-        if (data is None or self.writers.get(ino) or self._pushes_held.get(ino) or not content.clean
-                or self._page_generation[ino] != generation):
+        if data is None or not self._may_push(ino, content) or self._page_generation[ino] != generation:
             return
         pushes = self.pushes.get(ino)
         if pushes is None:
