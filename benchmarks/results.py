@@ -143,9 +143,25 @@ def fill_ratios(rows: list[Row]) -> None:
             mine = row.throughput_bytes_per_second()
             if ceiling is not None and mine and ceiling.figure > 0:
                 row.ratio_s3 = mine / (ceiling.figure * (1 << 20))
+                if row.workload == "upload-lag":
+                    _note_lag_floor(row, ceiling)
         if row.target == DATAFS:
             row.ratio_juicefs = speed_ratio(row, index.get((row.workload, JUICEFS)))
             row.ratio_pyfuse3 = speed_ratio(row, index.get((row.workload, PYFUSE3)))
+
+
+def _note_lag_floor(row: Row, put_ceiling: Row) -> None:
+    """The shortest lag the store allows this target: even PUTting at the
+    ceiling from the moment its write began, the last byte lands `bytes /
+    ceiling` later; what the write took of that is not lag. So a target that
+    writes faster starts closer to the ceiling's time, and its floor is higher."""
+    written = row.extra.get("write_seconds")
+    if written is None or not row.extra.get("bytes") or "lag_floor_seconds" in row.extra:
+        return
+    floor = max(0.0, row.extra["bytes"] / (put_ceiling.figure * (1 << 20)) - written)
+    row.extra["lag_floor_seconds"] = floor
+    note = f"floor at the PUT ceiling after its {written:.2f} s write: {floor:.2f} s"
+    row.note = f"{row.note}; {note}" if row.note else note
 
 
 def _cross_ratio(row: Row, reference: Row | None) -> float | None:

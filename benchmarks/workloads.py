@@ -33,7 +33,7 @@ from .errors import BenchError
 from .fio import FioResult, run_fio
 from .results import IOPS, MIB, MIB_S, SECONDS, Row
 from .sizes import BLOCK_BYTES, MiB, Sizes, human_bytes
-from .system import drop_page_cache
+from .system import drop_page_cache, unsynced_bytes
 from .targets import REPO, Target, child_env, wait_for
 
 #: Readers for `find | xargs -P 32 cat` and `datafs warmup --parallel 32`.
@@ -131,9 +131,21 @@ class Workloads:
                        timeout_seconds=io_timeout(self.s.seq_file_bytes))
 
     def seq_write(self) -> list[Row]:
+        # Earlier steps' writes (the S3 ceiling's objects, another target's
+        # files) must not be written back during this one's fsync.
+        os.sync()
         result = run_fio(self.seq_path, "write", block_bytes=BLOCK_BYTES, size_bytes=self.s.seq_file_bytes,
                          end_fsync=True, timeout_seconds=io_timeout(self.s.seq_file_bytes))
-        return [self._row("seq-write", result.mib_per_second, MIB_S, _fio_extra(result))]
+        # The disk's fsync is the ceiling of a durable write; a target above
+        # it shows here what its fsync left in memory (its own files only).
+        unsynced = unsynced_bytes(self.t.dir)
+        if unsynced is None:
+            note = "bytes left unsynced at fsync not measured (kernel without cachestat)"
+        else:
+            # Logs and the like count too: below a MiB it is not the file's data.
+            note = f"{unsynced / MiB:,.0f} MiB not on disk when fsync returned" if unsynced >= MiB else None
+        return [self._row("seq-write", result.mib_per_second, MIB_S,
+                          {**_fio_extra(result), "unsynced_bytes_at_fsync": unsynced}, _notes(note))]
 
     def seq_read_warm(self) -> list[Row]:
         self.t.quiesce(UPLOAD_WAIT_SECONDS)  # the write's uploads must not compete with the reads

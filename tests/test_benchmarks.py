@@ -38,6 +38,7 @@ from benchmarks.fio import parse_fio_json, run_fio
 from benchmarks.results import (DATAFS, DISK, JUICEFS, MIB, MIB_S, PYFUSE3, S3_CEILING, SECONDS, Row, expected_pairs,
                                 fill_ratios)
 from benchmarks.sizes import MODES, MiB
+from benchmarks.system import unsynced_bytes
 from benchmarks.targets import Pyfuse3Target, juicefs_binary
 
 from .conftest import REPO
@@ -95,7 +96,7 @@ def test_ratios_read_as_speeds_whatever_the_unit():
         Row("seq-read-cold", DATAFS, 200.0, MIB_S), Row("seq-read-cold", JUICEFS, 100.0, MIB_S),
         Row("small-create", DISK, 0.5, SECONDS), Row("small-create", DATAFS, 2.0, SECONDS),
         Row("small-create", JUICEFS, 1.0, SECONDS),
-        Row("upload-lag", DATAFS, 4.0, SECONDS, {"bytes": 256 * MiB}),
+        Row("upload-lag", DATAFS, 4.0, SECONDS, {"bytes": 256 * MiB, "write_seconds": 0.5}),
         Row("upload-lag", JUICEFS, 2.0, SECONDS, {"bytes": 256 * MiB}),
         Row("seq-write", PYFUSE3, 160.0, MIB_S), Row("small-create", PYFUSE3, 1.0, SECONDS),
         Row("peak-rss", PYFUSE3, 30.0, MIB), Row("peak-rss", DATAFS, 120.0, MIB),
@@ -112,6 +113,10 @@ def test_ratios_read_as_speeds_whatever_the_unit():
     assert by["seq-read-cold", DATAFS].ratio_s3 == 0.5
     assert by["upload-lag", DATAFS].ratio_s3 == pytest.approx(64 / 100)  # 256 MiB in 4 s next to 100 MiB/s
     assert by["upload-lag", DATAFS].ratio_disk is None and by["upload-lag", DATAFS].ratio_juicefs == 0.5
+    # Its floor: 256 MiB at 100 MiB/s is 2.56 s from the start of the write, 0.5 s of it spent writing.
+    assert by["upload-lag", DATAFS].extra["lag_floor_seconds"] == pytest.approx(2.06)
+    assert by["upload-lag", DATAFS].note == "floor at the PUT ceiling after its 0.50 s write: 2.06 s"
+    assert "lag_floor_seconds" not in by["upload-lag", JUICEFS].extra  # no write time: no floor
     assert by["s3-put", S3_CEILING].ratio_disk == 0.5 and by["s3-get", S3_CEILING].ratio_disk == 0.5
     assert by["seq-write", JUICEFS].ratio_juicefs is None
     # datafs next to the pyfuse3 ceiling, on the rows both ran; nobody else gets that ratio.
@@ -123,6 +128,24 @@ def test_ratios_read_as_speeds_whatever_the_unit():
     assert by["seq-read-cold", PYFUSE3].ratio_s3 == 0.625 and by["seq-read-cold", DATAFS].ratio_pyfuse3 == 0.8
     # The passthrough's warmup read its own disk: no ratio to the object store.
     assert by["warmup-cold", PYFUSE3].ratio_s3 is None and by["warmup-cold", DATAFS].ratio_s3 == 0.375
+
+
+def test_unsynced_bytes_are_what_an_fsync_would_still_write(tmp_path):
+    """The sequential write's check of a target's own files: what the page
+    cache holds that the disk does not, and nothing once fsynced."""
+    (tmp_path / "sub").mkdir()
+    with open(tmp_path / "sub" / "data", "wb") as f:
+        f.write(os.urandom(4 * MiB))
+        f.flush()
+        unsynced = unsynced_bytes(tmp_path)
+        if unsynced is None:
+            pytest.skip("this kernel has no cachestat(2) (Linux 6.5)")
+        # Dirty, or already under writeback: either way not on the disk yet.
+        assert unsynced >= 4 * MiB
+        os.link(tmp_path / "sub" / "data", tmp_path / "link")
+        assert unsynced_bytes(tmp_path) == unsynced  # one file under two names counts once
+        os.fsync(f.fileno())
+    assert unsynced_bytes(tmp_path) == 0
 
 
 # ---- the pyfuse3 ceiling ------------------------------------------------------------------------
