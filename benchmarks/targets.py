@@ -150,6 +150,15 @@ class Target(abc.ABC):
         """The processes serving the mount now (none for the disk)."""
         return []
 
+    def cpu_pids(self) -> dict[str, list[int]]:
+        """Whose CPU time a row reports: the daemon's processes and, for a
+        target with an object store, the S3 server's (it shares the cores)."""
+        pids = {"daemon": self._daemon_pids()}
+        server = getattr(self, "server", None) if self.remote else None
+        if server is not None and server.pid is not None:
+            pids["store"] = [server.pid]
+        return pids
+
     def note_peak_rss(self) -> None:
         """Remember the serving processes' peak RSS before they end (a restart starts afresh)."""
         for pid in self._daemon_pids():

@@ -27,13 +27,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Self
 
 from .errors import BenchError
 from .fio import FioResult, run_fio
 from .results import IOPS, MIB, MIB_S, SECONDS, Row
 from .sizes import BLOCK_BYTES, MiB, Sizes, human_bytes
-from .system import drop_page_cache, unsynced_bytes
+from .system import cpu_seconds, drop_page_cache, unsynced_bytes
 from .targets import REPO, Target, child_env, wait_for
 
 #: Readers for `find | xargs -P 32 cat` and `datafs warmup --parallel 32`.
@@ -62,6 +62,41 @@ def _fio_extra(result: FioResult) -> dict:
 
 def _notes(*notes: str | None) -> str:
     return "; ".join(n for n in notes if n)
+
+
+_ROLE_NAMES = {"daemon": "daemon", "store": "S3 server"}
+
+
+class CpuUse:
+    """CPU seconds the target's daemon and its S3 server used while a block
+    ran: the timed part of a row, on a machine whose cores they share."""
+
+    def __init__(self, target: Target):
+        self.target = target
+        self.seconds: dict[str, float] = {}
+
+    def _now(self) -> dict[str, dict[int, float]]:
+        now: dict[str, dict[int, float]] = {}
+        for role, pids in self.target.cpu_pids().items():
+            now[role] = {pid: t for pid in pids if (t := cpu_seconds(pid)) is not None}
+        return now
+
+    def __enter__(self) -> Self:
+        self._before = self._now()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        # A process started inside the block (none should) counts from zero.
+        self.seconds = {role: sum(t - self._before.get(role, {}).get(pid, 0.0) for pid, t in times.items())
+                        for role, times in self._now().items() if times}
+
+    def extra(self) -> dict:
+        return {f"{role}_cpu_seconds": round(seconds, 3) for role, seconds in self.seconds.items()}
+
+    def note(self) -> str | None:
+        if not self.seconds:
+            return None
+        return "CPU: " + ", ".join(f"{_ROLE_NAMES[role]} {seconds:.2f} s" for role, seconds in self.seconds.items())
 
 
 class Workloads:
@@ -134,8 +169,9 @@ class Workloads:
         # Earlier steps' writes (the S3 ceiling's objects, another target's
         # files) must not be written back during this one's fsync.
         os.sync()
-        result = run_fio(self.seq_path, "write", block_bytes=BLOCK_BYTES, size_bytes=self.s.seq_file_bytes,
-                         end_fsync=True, timeout_seconds=io_timeout(self.s.seq_file_bytes))
+        with CpuUse(self.t) as cpu:
+            result = run_fio(self.seq_path, "write", block_bytes=BLOCK_BYTES, size_bytes=self.s.seq_file_bytes,
+                             end_fsync=True, timeout_seconds=io_timeout(self.s.seq_file_bytes))
         # The disk's fsync is the ceiling of a durable write; a target above
         # it shows here what its fsync left in memory (its own files only).
         unsynced = unsynced_bytes(self.t.dir)
@@ -145,7 +181,8 @@ class Workloads:
             # Logs and the like count too: below a MiB it is not the file's data.
             note = f"{unsynced / MiB:,.0f} MiB not on disk when fsync returned" if unsynced >= MiB else None
         return [self._row("seq-write", result.mib_per_second, MIB_S,
-                          {**_fio_extra(result), "unsynced_bytes_at_fsync": unsynced}, _notes(note))]
+                          {**_fio_extra(result), **cpu.extra(), "unsynced_bytes_at_fsync": unsynced},
+                          _notes(note, cpu.note()))]
 
     def seq_read_warm(self) -> list[Row]:
         self.t.quiesce(UPLOAD_WAIT_SECONDS)  # the write's uploads must not compete with the reads
@@ -160,8 +197,10 @@ class Workloads:
 
     def seq_read_cold(self) -> list[Row]:
         notes = self.t.cold_restart()
-        result = self._fio_read()
-        return [self._row("seq-read-cold", result.mib_per_second, MIB_S, _fio_extra(result), _notes(*notes))]
+        with CpuUse(self.t) as cpu:
+            result = self._fio_read()
+        return [self._row("seq-read-cold", result.mib_per_second, MIB_S, {**_fio_extra(result), **cpu.extra()},
+                          _notes(*notes, cpu.note()))]
 
     def seq_read_cold_ceiling(self) -> list[Row]:
         """The cold read's pyfuse3 ceiling: the same fio job on a file of the
@@ -216,13 +255,15 @@ class Workloads:
         view = memoryview(data)
         chunks = [chunk_id(view[i:i + BLOCK_BYTES]) for i in range(0, size, BLOCK_BYTES)]
         probe = self.t.upload_probe(chunks, size)
-        started = time.perf_counter()
-        with open(self.t.root / "upload.bin", "wb") as f:
-            f.write(data)
-        closed = time.perf_counter()
-        wait_for(probe, io_timeout(size), f"{self.t.name}: the {human_bytes(size)} upload")
-        lag = time.perf_counter() - closed
-        return [self._row("upload-lag", lag, SECONDS, {"bytes": size, "write_seconds": closed - started})]
+        with CpuUse(self.t) as cpu:
+            started = time.perf_counter()
+            with open(self.t.root / "upload.bin", "wb") as f:
+                f.write(data)
+            closed = time.perf_counter()
+            wait_for(probe, io_timeout(size), f"{self.t.name}: the {human_bytes(size)} upload")
+            lag = time.perf_counter() - closed
+        return [self._row("upload-lag", lag, SECONDS, {"bytes": size, "write_seconds": closed - started, **cpu.extra()},
+                          _notes(cpu.note()))]
 
     # ---- 4: small files ---------------------------------------------------------------
     def _small_paths(self) -> list[Path]:
@@ -234,14 +275,16 @@ class Workloads:
         paths = self._small_paths()
         size = self.s.small_file_bytes
         data = os.urandom(size * len(paths))  # distinct content per file: no deduplication
-        started = time.perf_counter()
-        for directory in sorted({p.parent for p in paths}):
-            os.makedirs(directory, exist_ok=True)
-        for i, path in enumerate(paths):
-            with open(path, "wb") as f:
-                f.write(data[i * size:(i + 1) * size])
-        seconds = time.perf_counter() - started
-        return [self._row("small-create", seconds, SECONDS, {"files": len(paths), "bytes": len(data)})]
+        with CpuUse(self.t) as cpu:
+            started = time.perf_counter()
+            for directory in sorted({p.parent for p in paths}):
+                os.makedirs(directory, exist_ok=True)
+            for i, path in enumerate(paths):
+                with open(path, "wb") as f:
+                    f.write(data[i * size:(i + 1) * size])
+            seconds = time.perf_counter() - started
+        return [self._row("small-create", seconds, SECONDS, {"files": len(paths), "bytes": len(data), **cpu.extra()},
+                          _notes(cpu.note()))]
 
     def small_stat(self) -> list[Row]:
         self.t.quiesce(UPLOAD_WAIT_SECONDS)
@@ -261,13 +304,15 @@ class Workloads:
         # Data pages were dropped before the stat step, which reads no data.
         command = (f"set -o pipefail; find {shlex.quote(str(self.small_dir))} -type f -print0 | "
                    f"xargs -0 -P {PARALLEL_READERS} -n {FILES_PER_CAT} cat > /dev/null")
-        started = time.perf_counter()
-        result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=600)
-        seconds = time.perf_counter() - started
+        with CpuUse(self.t) as cpu:
+            started = time.perf_counter()
+            result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=600)
+            seconds = time.perf_counter() - started
         if result.returncode != 0:
             raise BenchError(f"{self.t.name}: parallel read of the small files failed: {result.stderr.strip()[-200:]}")
         return [self._row("small-read", seconds, SECONDS,
-                          {"files": self.s.small_files, "bytes": self.s.small_files * self.s.small_file_bytes})]
+                          {"files": self.s.small_files, "bytes": self.s.small_files * self.s.small_file_bytes,
+                           **cpu.extra()}, _notes(cpu.note()))]
 
     def small_delete(self) -> list[Row]:
         started = time.perf_counter()
@@ -295,19 +340,20 @@ class Workloads:
         notes = self.t.cold_restart()
         command = [sys.executable, "-m", "datafs", "warmup", str(self.tree_dir), "--parallel", str(PARALLEL_READERS)]
         timeout = io_timeout(self.s.tree_bytes)
-        started = time.perf_counter()
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=child_env(),
-                                    timeout=timeout, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            raise BenchError(f"{self.t.name}: datafs warmup did not finish within {timeout:.0f} s") from None
-        seconds = time.perf_counter() - started
+        with CpuUse(self.t) as cpu:
+            started = time.perf_counter()
+            try:
+                result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=child_env(),
+                                        timeout=timeout, stdin=subprocess.DEVNULL)
+            except subprocess.TimeoutExpired:
+                raise BenchError(f"{self.t.name}: datafs warmup did not finish within {timeout:.0f} s") from None
+            seconds = time.perf_counter() - started
         if result.returncode != 0:
             raise BenchError(f"{self.t.name}: datafs warmup failed: {result.stderr.strip()[-300:]}")
         size = self.s.tree_bytes
         extra = {"bytes": size, "seconds": seconds, "files": self.s.tree_big_files + self.s.tree_small_files,
-                 "warmup_output": result.stdout.strip()}
-        return [self._row("warmup-cold", size / seconds / MiB, MIB_S, extra, _notes(*notes))]
+                 "warmup_output": result.stdout.strip(), **cpu.extra()}
+        return [self._row("warmup-cold", size / seconds / MiB, MIB_S, extra, _notes(*notes, cpu.note()))]
 
     # ---- 8: a large directory ------------------------------------------------------------
     def list_dir(self) -> list[Row]:

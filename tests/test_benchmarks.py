@@ -40,6 +40,7 @@ from benchmarks.results import (DATAFS, DISK, JUICEFS, MIB, MIB_S, PYFUSE3, S3_C
 from benchmarks.sizes import MODES, MiB
 from benchmarks.system import unsynced_bytes
 from benchmarks.targets import Pyfuse3Target, juicefs_binary
+from benchmarks.workloads import CpuUse
 
 from .conftest import REPO
 
@@ -146,6 +147,43 @@ def test_unsynced_bytes_are_what_an_fsync_would_still_write(tmp_path):
         assert unsynced_bytes(tmp_path) == unsynced  # one file under two names counts once
         os.fsync(f.fileno())
     assert unsynced_bytes(tmp_path) == 0
+
+
+def test_cpu_use_counts_the_daemon_and_the_store_while_the_block_runs():
+    """The CPU note of a row: what the target's processes used inside the
+    block only, each role apart; a process gone or idle adds nothing."""
+    burn = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\nimport sys; sys.stdin.read()"
+    busy = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE)
+    idle = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        time.sleep(0.5)  # both are started (and the busy one has burnt its 0.3 s) before the block
+
+        class Fake:
+            def __init__(self, daemon: list[int]):
+                self.pids = {"daemon": daemon, "store": [idle.pid]}
+
+            def cpu_pids(self):
+                return self.pids
+
+        with CpuUse(Fake([busy.pid])) as before_block:
+            time.sleep(0.1)
+        assert before_block.seconds["daemon"] < 0.1 and before_block.seconds["store"] < 0.1
+        fake, late = Fake([]), None
+        try:
+            with CpuUse(fake) as during:
+                # A daemon started inside the block (a restart) counts from zero.
+                late = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE)
+                fake.pids["daemon"] = [late.pid]
+                time.sleep(1.0)
+            assert during.seconds["daemon"] >= 0.25
+            assert during.note() == f"CPU: daemon {during.seconds['daemon']:.2f} s, S3 server {during.seconds['store']:.2f} s"
+        finally:
+            if late is not None:
+                late.communicate(b"")
+        assert CpuUse(fake).note() is None  # nothing measured yet
+    finally:
+        busy.communicate(b"")
+        idle.communicate(b"")
 
 
 # ---- the pyfuse3 ceiling ------------------------------------------------------------------------
