@@ -4,9 +4,13 @@ Every job runs with `--direct=0` (FUSE filesystems and the page cache are
 what users get), `--invalidate=0` (the harness decides what is cached, by
 dropping the page cache itself, not fio behind its back), `--fallocate=none`
 (not every filesystem under test implements fallocate, and preallocation would
-favour the ones that do) and `--refill_buffers` (fresh random bytes for every
+favour the ones that do), `--refill_buffers` (fresh random bytes for every
 block: fio's default reuses one buffer, so a deduplicating filesystem like
-datafs would store a 1 GiB file as one chunk and win by cheating).
+datafs would store a 1 GiB file as one chunk and win by cheating) and
+`--randrepeat=0` (a seed of its own for every job: with fio's fixed default
+seed, every file written holds the same bytes as the last one, block for
+block, so the model tree's two large files and the sequential file were one
+set of chunks to datafs).
 
 Throughput comes from fio's own runtime, which includes the `end_fsync`, so a
 write is measured until its data is durable.
@@ -89,14 +93,14 @@ def run_fio(
     command = [
         binary, "--output-format=json", f"--name={rw}", f"--filename={filename}", f"--rw={rw}",
         f"--bs={block_bytes}", f"--size={size_bytes}", "--ioengine=psync", "--direct=0",
-        "--invalidate=0", "--fallocate=none", "--refill_buffers=1",
+        "--invalidate=0", "--fallocate=none", "--refill_buffers=1", "--randrepeat=0",
     ]
     if end_fsync:
         command.append("--end_fsync=1")
     if jobs > 1:
         command += [f"--numjobs={jobs}", "--group_reporting=1"]
     if runtime_seconds is not None:
-        command += ["--time_based=1", f"--runtime={runtime_seconds:g}s", "--norandommap=1", "--randrepeat=0"]
+        command += ["--time_based=1", f"--runtime={runtime_seconds:g}s", "--norandommap=1"]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_seconds)
     except subprocess.TimeoutExpired:

@@ -61,6 +61,16 @@ def test_fio_sequential_write_then_read(tmp_path):
     assert read.clat_p50_seconds is not None and read.clat_p50_seconds <= read.clat_p99_seconds
 
 
+def test_fio_writes_fresh_bytes_in_every_block_of_every_file(tmp_path):
+    """A deduplicating filesystem must find nothing to share in what fio writes."""
+    blocks = set()
+    for name in ("a.bin", "b.bin"):
+        run_fio(tmp_path / name, "write", block_bytes=MiB, size_bytes=4 * MiB)
+        data = (tmp_path / name).read_bytes()
+        blocks.update(data[i:i + MiB] for i in range(0, len(data), MiB))
+    assert len(blocks) == 8
+
+
 def test_fio_timed_random_read_groups_its_jobs(tmp_path):
     path = tmp_path / "rand.bin"
     run_fio(path, "write", block_bytes=4 * MiB, size_bytes=4 * MiB)
