@@ -172,8 +172,8 @@ class Workloads:
         with CpuUse(self.t) as cpu:
             result = run_fio(self.seq_path, "write", block_bytes=BLOCK_BYTES, size_bytes=self.s.seq_file_bytes,
                              end_fsync=True, timeout_seconds=io_timeout(self.s.seq_file_bytes))
-        # The disk's fsync is the ceiling of a durable write; a target above
-        # it shows here what its fsync left in memory (its own files only).
+        # fsync is the durability point: what the target's own files still
+        # hold only in memory now is data it called durable and is not.
         unsynced = unsynced_bytes(self.t.dir)
         if unsynced is None:
             note = "bytes left unsynced at fsync not measured (kernel without cachestat)"
