@@ -17,7 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from datafs.mounts import pid_alive, processes
+from datafs.mounts import pid_alive, processes, stat_fields
 
 
 def drop_page_cache() -> str | None:
@@ -129,12 +129,8 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 def cpu_seconds(pid: int) -> float | None:
     """User plus system CPU time a process has used so far, or None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rpartition(")")[2].split()  # after the command name, which may hold spaces
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    fields = stat_fields(pid)
+    return None if fields is None else (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
 def free_bytes(path: Path) -> int:

@@ -65,10 +65,10 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return _stat(pid) is not None
+    return stat_fields(pid) is not None
 
 
-def _stat(pid: int | str) -> list[str] | None:
+def stat_fields(pid: int | str) -> list[str] | None:
     """The fields of /proc/PID/stat after the command name (state, ppid,
     pgrp, session, ...), or None if the process is gone or a zombie."""
     try:
@@ -86,7 +86,7 @@ def processes(*, parent: int | None = None, session: int | None = None) -> list[
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        fields = _stat(entry)
+        fields = stat_fields(entry)
         if fields is None:
             continue
         if (parent is None or int(fields[1]) == parent) and (session is None or int(fields[3]) == session):
