@@ -121,7 +121,11 @@ class Workloads:
     def tree_dir(self) -> Path:
         return self.t.root / "tree"
 
-    def _row(self, workload: str, figure: float, unit: str, extra: dict | None = None, note: str = "") -> Row:
+    def _row(self, workload: str, figure: float, unit: str, extra: dict | None = None, note: str = "",
+             cpu: CpuUse | None = None) -> Row:
+        """A row; `cpu`, what the timed part used, goes into its extra and its note."""
+        if cpu is not None:
+            extra, note = {**(extra or {}), **cpu.extra()}, _notes(note, cpu.note())
         return Row(workload, self.t.name, figure, unit, extra or {}, note)
 
     def steps(self) -> list[Step]:
@@ -181,8 +185,7 @@ class Workloads:
             # Logs and the like count too: below a MiB it is not the file's data.
             note = f"{unsynced / MiB:,.0f} MiB not on disk when fsync returned" if unsynced >= MiB else None
         return [self._row("seq-write", result.mib_per_second, MIB_S,
-                          {**_fio_extra(result), **cpu.extra(), "unsynced_bytes_at_fsync": unsynced},
-                          _notes(note, cpu.note()))]
+                          {**_fio_extra(result), "unsynced_bytes_at_fsync": unsynced}, _notes(note), cpu)]
 
     def seq_read_warm(self) -> list[Row]:
         self.t.quiesce(UPLOAD_WAIT_SECONDS)  # the write's uploads must not compete with the reads
@@ -199,8 +202,7 @@ class Workloads:
         notes = self.t.cold_restart()
         with CpuUse(self.t) as cpu:
             result = self._fio_read()
-        return [self._row("seq-read-cold", result.mib_per_second, MIB_S, {**_fio_extra(result), **cpu.extra()},
-                          _notes(*notes, cpu.note()))]
+        return [self._row("seq-read-cold", result.mib_per_second, MIB_S, _fio_extra(result), _notes(*notes), cpu)]
 
     def seq_read_cold_ceiling(self) -> list[Row]:
         """The cold read's pyfuse3 ceiling: the same fio job on a file of the
@@ -262,8 +264,7 @@ class Workloads:
             closed = time.perf_counter()
             wait_for(probe, io_timeout(size), f"{self.t.name}: the {human_bytes(size)} upload")
             lag = time.perf_counter() - closed
-        return [self._row("upload-lag", lag, SECONDS, {"bytes": size, "write_seconds": closed - started, **cpu.extra()},
-                          _notes(cpu.note()))]
+        return [self._row("upload-lag", lag, SECONDS, {"bytes": size, "write_seconds": closed - started}, cpu=cpu)]
 
     # ---- 4: small files ---------------------------------------------------------------
     def _small_paths(self) -> list[Path]:
@@ -283,8 +284,7 @@ class Workloads:
                 with open(path, "wb") as f:
                     f.write(data[i * size:(i + 1) * size])
             seconds = time.perf_counter() - started
-        return [self._row("small-create", seconds, SECONDS, {"files": len(paths), "bytes": len(data), **cpu.extra()},
-                          _notes(cpu.note()))]
+        return [self._row("small-create", seconds, SECONDS, {"files": len(paths), "bytes": len(data)}, cpu=cpu)]
 
     def small_stat(self) -> list[Row]:
         self.t.quiesce(UPLOAD_WAIT_SECONDS)
@@ -311,8 +311,7 @@ class Workloads:
         if result.returncode != 0:
             raise BenchError(f"{self.t.name}: parallel read of the small files failed: {result.stderr.strip()[-200:]}")
         return [self._row("small-read", seconds, SECONDS,
-                          {"files": self.s.small_files, "bytes": self.s.small_files * self.s.small_file_bytes,
-                           **cpu.extra()}, _notes(cpu.note()))]
+                          {"files": self.s.small_files, "bytes": self.s.small_files * self.s.small_file_bytes}, cpu=cpu)]
 
     def small_delete(self) -> list[Row]:
         started = time.perf_counter()
@@ -352,8 +351,8 @@ class Workloads:
             raise BenchError(f"{self.t.name}: datafs warmup failed: {result.stderr.strip()[-300:]}")
         size = self.s.tree_bytes
         extra = {"bytes": size, "seconds": seconds, "files": self.s.tree_big_files + self.s.tree_small_files,
-                 "warmup_output": result.stdout.strip(), **cpu.extra()}
-        return [self._row("warmup-cold", size / seconds / MiB, MIB_S, extra, _notes(*notes, cpu.note()))]
+                 "warmup_output": result.stdout.strip()}
+        return [self._row("warmup-cold", size / seconds / MiB, MIB_S, extra, _notes(*notes), cpu)]
 
     # ---- 8: a large directory ------------------------------------------------------------
     def list_dir(self) -> list[Row]:
