@@ -7,21 +7,17 @@ FUSE_FALLOCATE with ENOSYS and the kernel turns that into EOPNOTSUPP for the
 rest of the mount.
 
 The slot can only be filled while that call runs: `install()` points pyfuse3's
-own import of `fuse_session_new` (its GOT entry, found from the dynamic
-relocations every shared object keeps, stripped or not) at a hook, which puts
-the entry back, writes our handler into the table pyfuse3 passes, and calls
-the function the entry held. Rejected designs:
+own import of `fuse_session_new` at a hook (`fuse_got`), which puts the entry
+back, writes our handler into the table pyfuse3 passes, and calls the
+function the entry held. Rejected designs:
 - writing the slot in pyfuse3's static table before `init()`: `init()` clears
   the table first, and it is a local symbol found only in an unstripped
   build's `.symtab`;
 - writing it into the session after `init()`: `struct fuse_session` is private
-  to libfuse and changes between releases;
-- a C library that interposes `fuse_session_new`: a compiled part and a
-  load-order rule in a pure-Python package, for the same effect.
-Everything the hook relies on is checked first: the relocation exists and its
-slot holds what the dynamic loader put there, and the table has pyfuse3's
-handlers where libfuse 3's ABI (which only ever appends members) puts them
-and nothing in `fallocate`. If a check fails, one warning is logged and
+  to libfuse and changes between releases.
+Everything the hook relies on is checked first: `fuse_got`'s checks of the
+GOT entry, and the table has pyfuse3's handlers where libfuse 3's ABI (which
+only ever appends members) puts them and nothing in `fallocate`. If a check fails, one warning is logged and
 fallocate stays EOPNOTSUPP, as before: the mount never depends on this.
 
 Requests: libfuse calls the handler from `fuse_session_process_buf`, inside
@@ -41,11 +37,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
-import mmap
 from typing import Awaitable, Callable
 
 import pyfuse3
 import trio
+
+from . import fuse_got
+from .fuse_got import Unfit
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +70,6 @@ _SESSION_NEW_TYPES = {
     "fuse_session_new": ctypes.CFUNCTYPE(_P, _P, _P, _SIZE, _P),
     "fuse_session_new_versioned": ctypes.CFUNCTYPE(_P, _P, _P, _SIZE, _P, _P),
 }
-#: Relocations that make a GOT entry hold a function's address (GLOB_DAT, JUMP_SLOT).
-_GOT_RELOCATIONS = {"x64": {6, 7}, "AArch64": {1025, 1026}}
-
-
-class Unfit(Exception):
-    """This pyfuse3 or libfuse is not laid out as the hook expects."""
-
-
 class FallocateBridge:
     """Carries FUSE_FALLOCATE requests from libfuse to `handler` and back.
 
@@ -148,8 +138,6 @@ _bridge: FallocateBridge | None = None
 _libfuse: ctypes.CDLL | None = None
 #: Whether the hook is in pyfuse3's GOT, waiting for `pyfuse3.init()`.
 _hooked = False
-#: C functions made here: libfuse and pyfuse3 may call them as long as the process lives.
-_keep_alive: list[object] = []
 
 
 def _on_fallocate(req: int, ino: int, mode: int, offset: int, length: int, fi: int) -> None:
@@ -185,114 +173,27 @@ def _reply(req: int, code: int) -> None:
         log.debug("fuse_reply_err failed", extra={"op": "fallocate", "error": errno.errorcode.get(-result, result)})
 
 
-def _load_address(path: str, exported: str) -> int:
-    """Where the dynamic loader put the shared object `path` (its link-time
-    address 0), found from the address of a symbol it exports."""
-
-    class DlInfo(ctypes.Structure):
-        _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
-                    ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
-
-    libc = ctypes.CDLL(None)
-    info = DlInfo()
-    entry = ctypes.cast(getattr(ctypes.CDLL(path), exported), ctypes.c_void_p).value
-    if not libc.dladdr(ctypes.c_void_p(entry), ctypes.byref(info)) or not info.dli_fbase:
-        raise Unfit(f"dladdr does not know {path}")
-    return info.dli_fbase
-
-
-def _find_import(path: str) -> tuple[str, int, int, str]:
-    """pyfuse3's import of fuse_session_new, from its dynamic relocations:
-    (its name, the offset of its GOT entry, the end of the loaded image, a
-    symbol pyfuse3 exports)."""
-    from elftools.elf.dynamic import DynamicSegment
-    from elftools.elf.elffile import ELFFile
-
-    with open(path, "rb") as f:
-        elf = ELFFile(f)
-        kinds = _GOT_RELOCATIONS.get(elf.get_machine_arch())
-        if kinds is None:
-            raise Unfit(f"no GOT relocation types known for {elf.get_machine_arch()}")
-        image_end = max(s["p_vaddr"] + s["p_memsz"] for s in elf.iter_segments() if s["p_type"] == "PT_LOAD")
-        dynamic = next((s for s in elf.iter_segments() if isinstance(s, DynamicSegment)), None)
-        if dynamic is None:
-            raise Unfit(f"{path} has no dynamic segment")
-        exported = next((s.name for s in dynamic.iter_symbols()
-                         if s.name.startswith("PyInit_") and s["st_shndx"] != "SHN_UNDEF"), None)
-        if exported is None:
-            raise Unfit(f"{path} exports no PyInit_ function")
-        for table in dynamic.get_relocation_tables().values():
-            for relocation in table.iter_relocations():
-                if relocation["r_info_type"] not in kinds:
-                    continue
-                name = dynamic.get_symbol(relocation["r_info_sym"]).name
-                if name in _SESSION_NEW_TYPES:
-                    return name, relocation["r_offset"], image_end, exported
-    raise Unfit(f"{path} imports none of {', '.join(_SESSION_NEW_TYPES)}")
-
-
-def _writable(address: int) -> bool:
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            span, perms = line.split()[:2]
-            start, end = (int(x, 16) for x in span.split("-"))
-            if start <= address < end:
-                return perms[1] == "w"
-    raise Unfit(f"address {address:#x} is not mapped")
-
-
-def _protect(address: int, writable: bool) -> None:
-    """Full RELRO leaves the GOT read-only once relocated."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    page = address - address % mmap.PAGESIZE
-    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-    if libc.mprotect(ctypes.c_void_p(page), ctypes.c_size_t(mmap.PAGESIZE), prot) != 0:
-        raise OSError(ctypes.get_errno(), "mprotect of pyfuse3's GOT failed")
-
-
-def _set_entry(address: int, value: int) -> None:
-    locked = not _writable(address)
-    if locked:
-        _protect(address, True)
-    try:
-        ctypes.c_void_p.from_address(address).value = value
-    finally:
-        if locked:
-            _protect(address, False)
-
-
 def _hook_session_new() -> None:
     global _libfuse, _hooked
     if _hooked:
         return  # installed, and not called yet
-    path = pyfuse3.__file__
-    name, offset, image_end, exported = _find_import(path)
-    base = _load_address(path, exported)
-    entry = base + offset
     _libfuse = ctypes.CDLL("libfuse3.so.3")  # the one pyfuse3 loaded (same soname)
     _libfuse.fuse_reply_err.argtypes = [ctypes.c_void_p, ctypes.c_int]
     _libfuse.fuse_reply_err.restype = ctypes.c_int
-    original = ctypes.c_void_p.from_address(entry).value or 0
-    # Not bound yet (a PLT stub inside pyfuse3), or bound to libfuse's function.
-    resolved = ctypes.cast(getattr(_libfuse, name), ctypes.c_void_p).value
-    if not (base <= original < base + image_end or original == resolved):
-        raise Unfit(f"pyfuse3's GOT entry for {name} holds an unexpected address")
-    c_type = _SESSION_NEW_TYPES[name]
-    forward = c_type(original)
 
-    def hook(*args: int) -> int | None:
-        global _hooked
-        try:
-            _set_entry(entry, original)
-            _hooked = False
-            _register(op=args[1], op_size=args[2])
-        except Exception as exc:
-            _unsupported(exc)
-        return forward(*args)
+    def make(name: str, forward: Callable) -> Callable:
+        def hook(*args: int) -> int | None:
+            global _hooked
+            try:
+                redirected.restore()
+                _hooked = False
+                _register(op=args[1], op_size=args[2])
+            except Exception as exc:
+                _unsupported(exc)
+            return forward(*args)
+        return hook
 
-    c_hook = c_type(hook)
-    _keep_alive.append(c_hook)
-    _set_entry(entry, ctypes.cast(c_hook, ctypes.c_void_p).value)
+    redirected = fuse_got.redirect(_SESSION_NEW_TYPES, make)
     _hooked = True
 
 

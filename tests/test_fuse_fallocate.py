@@ -20,7 +20,7 @@ import pytest
 import trio
 import trio.testing
 
-from datafs import fuse_fallocate as ff
+from datafs import fuse_fallocate as ff, fuse_got
 
 from .conftest import REPO
 
@@ -28,14 +28,14 @@ _INIT_WITH_HOOK = r"""
 import ctypes, json, sys
 import pyfuse3
 from elftools.elf.elffile import ELFFile
-from datafs import fuse_fallocate as ff
+from datafs import fuse_fallocate as ff, fuse_got
 
 async def handler(*args):
     pass
 
 path = pyfuse3.__file__
-name, offset, _, exported = ff._find_import(path)
-base = ff._load_address(path, exported)
+name, offset, _, exported = fuse_got.find_import(path, set(ff._SESSION_NEW_TYPES))
+base = fuse_got.load_address(path, exported)
 entry = ctypes.c_void_p.from_address(base + offset)
 before = entry.value
 assert ff.FallocateBridge(handler).install()
@@ -103,14 +103,14 @@ def test_register_fills_only_an_empty_slot_of_a_table_laid_out_as_expected():
 
 
 def test_install_falls_back_to_eopnotsupp_with_one_warning(monkeypatch, caplog):
-    def unfit(path: str):
+    def unfit(path: str, names: set[str]):
         raise ff.Unfit("no relocation for fuse_session_new")
 
     async def handler(*args):
         pass
 
     monkeypatch.setattr(ff, "_bridge", None)
-    monkeypatch.setattr(ff, "_find_import", unfit)
+    monkeypatch.setattr(fuse_got, "find_import", unfit)
     with caplog.at_level(logging.WARNING, logger="datafs"):
         assert ff.FallocateBridge(handler).install() is False
     (record,) = caplog.records
