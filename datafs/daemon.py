@@ -42,7 +42,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import errors, fuse_kernel, metrics, mounts, sdnotify
+from . import errors, fuse_kernel, fuse_noflush, metrics, mounts, sdnotify
 from .control import ControlError, ControlServer
 from .chunks.cache import FD_CACHE_SIZE, ChunkCache
 from .chunks.ledger import ChunkLedger
@@ -394,6 +394,7 @@ class Daemon:
         s = self.settings
         options = fuse_kernel.mount_options(f"datafs:{s.state_dir}", "datafs")
         self.fallocate.install()  # fills a slot pyfuse3 leaves empty, during init()
+        fuse_noflush.install()  # read-only files close without a FLUSH round trip
         try:
             pyfuse3.init(self.ops, str(s.mountpoint), options)
         except RuntimeError as exc:
