@@ -85,6 +85,11 @@ INLINE_READ_MAX_BYTES = 1 << 20
 #: SeaweedFS in 4.8 s with 32, 6.0 s with 16 (median of 3 runs each). The
 #: S3 client's pool (64) holds these and the uploads.
 FETCH_CONCURRENCY = 32
+#: Chunks prefetched at once for all readers: two sequential readers' full
+#: windows (fs.PREFETCH_MAX_WINDOW_CHUNKS each). With one window's worth,
+#: two files read side by side (a model's shards, `datafs warmup`) shared it
+#: and each ran half a window ahead.
+PREFETCH_CHUNKS = 32
 #: A writer stalled on a full cache asks failing uploads to retry this often,
 #: so a store that came back is noticed before the writer gives up.
 STALL_RETRY_KICK_SECONDS = 5.0
@@ -166,7 +171,7 @@ class ChunkSource:
     def __init__(
         self, cache: ChunkCache, store: ObjectStore, *,
         wait_timeout_seconds: float = 300.0, fetch_concurrency: int = FETCH_CONCURRENCY, disk_concurrency: int = 8,
-        prefetch_chunks: int = 16, space_wait_seconds: float = 60.0, ledger: ChunkLedger | None = None,
+        prefetch_chunks: int = PREFETCH_CHUNKS, space_wait_seconds: float = 60.0, ledger: ChunkLedger | None = None,
         defer_sync: bool = False,
     ):
         self.cache = cache
@@ -182,8 +187,8 @@ class ChunkSource:
         # shared): the uploader, the collector and the peer tier use the same one.
         self.ledger = ledger or ChunkLedger(cache)
         self.prefetch_slots = prefetch_chunks
-        # Two windows: a sequential reader is at most one window behind its
-        # prefetches, with room for a second reader.
+        # Twice what may be fetched ahead at once: every prefetched chunk
+        # waits here for its reader, who may still be reading the one before.
         self._recent = _RecentChunks(2 * prefetch_chunks * CHUNK_SIZE_BYTES)
         # Back-pressure: when the cache is full of pinned (not yet uploaded)
         # chunks, a writer waits this long for uploads to free space, then ENOSPC.
