@@ -17,8 +17,9 @@ function the entry held. Rejected designs:
   to libfuse and changes between releases.
 Everything the hook relies on is checked first: `fuse_got`'s checks of the
 GOT entry, and the table has pyfuse3's handlers where libfuse 3's ABI (which
-only ever appends members) puts them and nothing in `fallocate`. If a check fails, one warning is logged and
-fallocate stays EOPNOTSUPP, as before: the mount never depends on this.
+only ever appends members) puts them and nothing in `fallocate`. If a check
+fails, one warning is logged and fallocate stays EOPNOTSUPP, as before: the
+mount never depends on this.
 
 Requests: libfuse calls the handler from `fuse_session_process_buf`, inside
 pyfuse3's session loop, on the trio thread with the GIL held. It must not
@@ -177,11 +178,11 @@ def _hook_session_new() -> None:
     global _libfuse, _hooked
     if _hooked:
         return  # installed, and not called yet
-    _libfuse = ctypes.CDLL("libfuse3.so.3")  # the one pyfuse3 loaded (same soname)
+    _libfuse = fuse_got.libfuse()
     _libfuse.fuse_reply_err.argtypes = [ctypes.c_void_p, ctypes.c_int]
     _libfuse.fuse_reply_err.restype = ctypes.c_int
 
-    def make(name: str, forward: Callable) -> Callable:
+    def make(forward: Callable) -> Callable:
         def hook(*args: int) -> int | None:
             global _hooked
             try:

@@ -19,6 +19,7 @@ load-order rule in a pure-Python package, for the same effect).
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 from collections.abc import Callable
 
@@ -36,11 +37,16 @@ class Unfit(Exception):
 _keep_alive: list[object] = []
 
 
-class Redirect:
-    """pyfuse3's GOT entry for `name`, now holding a callback."""
+@functools.cache
+def libfuse() -> ctypes.CDLL:
+    """The libfuse pyfuse3 loaded (same soname)."""
+    return ctypes.CDLL("libfuse3.so.3")
 
-    def __init__(self, name: str, entry: int, original: int):
-        self.name = name
+
+class Redirect:
+    """One of pyfuse3's GOT entries, now holding a callback."""
+
+    def __init__(self, entry: int, original: int):
         self.entry = entry
         self.original = original
 
@@ -49,25 +55,24 @@ class Redirect:
         set_entry(self.entry, self.original)
 
 
-def redirect(c_types: dict[str, type], make: Callable[[str, Callable], Callable]) -> Redirect:
+def redirect(c_types: dict[str, type], make: Callable[[Callable], Callable]) -> Redirect:
     """Point pyfuse3's import of whichever of `c_types` (name -> ctypes
-    CFUNCTYPE) it has at `make(name, forward)`, where `forward` calls the
+    CFUNCTYPE) it has at `make(forward)`, where `forward` calls the
     function the entry held. Raises Unfit (or OSError, ImportError) when it
     cannot be done here; nothing is written then."""
     path = pyfuse3.__file__
     name, offset, image_end, exported = find_import(path, set(c_types))
     base = load_address(path, exported)
     entry = base + offset
-    libfuse = ctypes.CDLL("libfuse3.so.3")  # the one pyfuse3 loaded (same soname)
     original = ctypes.c_void_p.from_address(entry).value or 0
-    resolved = ctypes.cast(getattr(libfuse, name), ctypes.c_void_p).value
+    resolved = ctypes.cast(getattr(libfuse(), name), ctypes.c_void_p).value
     if not (base <= original < base + image_end or original == resolved):
         raise Unfit(f"pyfuse3's GOT entry for {name} holds an unexpected address")
     c_type = c_types[name]
-    c_hook = c_type(make(name, c_type(original)))
+    c_hook = c_type(make(c_type(original)))
     _keep_alive.append(c_hook)
     set_entry(entry, ctypes.cast(c_hook, ctypes.c_void_p).value)
-    return Redirect(name, entry, original)
+    return Redirect(entry, original)
 
 
 def load_address(path: str, exported: str) -> int:

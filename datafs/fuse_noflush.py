@@ -53,7 +53,7 @@ def install() -> bool:
     if _installed:
         return True
     try:
-        version = ctypes.CDLL("libfuse3.so.3").fuse_version()
+        version = fuse_got.libfuse().fuse_version()
         if version < _FIRST_LIBFUSE:
             raise Unfit(f"libfuse {version // 100}.{version % 100} has no noflush (3.10 has)")
         fuse_got.redirect({"fuse_reply_open": _REPLY_OPEN}, _make_hook)
@@ -76,7 +76,7 @@ def mark(fi: int) -> bool:
     return True
 
 
-def _make_hook(name: str, forward: Callable[[int, int], int]) -> Callable[[int, int], int]:
+def _make_hook(forward: Callable[[int, int], int]) -> Callable[[int, int], int]:
     def reply_open(req: int, fi: int) -> int:
         try:
             if fi:

@@ -78,7 +78,7 @@ def test_hook_always_calls_libfuses_reply(monkeypatch, caplog):
         replies.append((req, fi, _bits(info)))
         return -2
 
-    hook = fuse_noflush._make_hook("fuse_reply_open", forward)
+    hook = fuse_noflush._make_hook(forward)
     info = _file_info(os.O_RDONLY)
     assert hook(7, ctypes.addressof(info)) == -2  # libfuse's result, passed back
     assert replies == [(7, ctypes.addressof(info), fuse_noflush.NOFLUSH)]
