@@ -150,7 +150,7 @@ class Node:
         raise BenchError(f"{self.name} did not see {count} peer members within {timeout_seconds:.0f} s")
 
     def peak_rss_bytes(self) -> int | None:
-        from datafs.daemon import read_daemon_pid
+        from datafs.state_files import read_daemon_pid
 
         return system.peak_rss_bytes(read_daemon_pid(self.state_dir))
 

@@ -77,7 +77,7 @@ def wait_gone(pid: int, timeout_seconds: float) -> bool:
 def end_daemon(state_dir: Path, mountpoint: Path) -> None:
     """After an unmount that failed or never ran: kill a datafs daemon still
     holding `state_dir` (SIGKILL, by its PID) and detach its mount."""
-    from datafs.daemon import daemon_running, read_daemon_pid
+    from datafs.state_files import daemon_running, read_daemon_pid
 
     # The pid in the lock file is the daemon's only while the lock is held: a
     # stale pid may belong to anyone by now.

@@ -45,7 +45,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from datafs.daemon import read_daemon_pid
+from datafs.state_files import read_daemon_pid
 from datafs.tiers.store import object_key
 
 from . import system

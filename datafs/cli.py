@@ -61,7 +61,7 @@ def _check_mountpoint(mountpoint: Path, state_dir: Path) -> None:
         raise UsageError(f"mountpoint {mountpoint} is not a directory")
     info = mounts.find_mount(mountpoint)
     if info is not None and info.fstype.startswith("fuse"):
-        from .daemon import daemon_running
+        from .state_files import daemon_running
 
         if info.is_datafs and info.state_dir and not daemon_running(info.state_dir):
             # Its daemon is gone (the kernel may still answer stat from its
@@ -228,7 +228,7 @@ def cmd_umount(args: SimpleNamespace) -> int:
     exit 1 if writes were lost (the daemon had died, or could not commit
     something at shutdown), with one line per file; committed chunks not yet
     in the object store are a note (they upload at the next mount)."""
-    from .daemon import read_daemon_pid
+    from .state_files import read_daemon_pid
 
     info = _datafs_mount(args.mountpoint)
     pid = read_daemon_pid(info.state_dir) if info.state_dir else None
@@ -281,7 +281,7 @@ def _interrupt_stuck_readers(info: mounts.MountInfo) -> bool:
 
 
 def _report_exit(info: mounts.MountInfo, pid: int) -> int:
-    from .daemon import read_exit_report
+    from .state_files import read_exit_report
 
     assert info.state_dir is not None
     report = read_exit_report(info.state_dir, pid)
@@ -309,7 +309,7 @@ def _report_exit(info: mounts.MountInfo, pid: int) -> int:
 def _control(info: mounts.MountInfo, method: str, url: str, body: dict | None = None, timeout: float | None = 10.0) -> dict:
     """Ask the mount's daemon through its control socket; one clear line if it is gone."""
     from .control import ControlError, ControlUnavailable, request
-    from .daemon import control_path
+    from .state_files import control_path
 
     assert info.state_dir is not None
     try:

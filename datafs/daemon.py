@@ -37,7 +37,6 @@ import signal
 import socket
 import time
 import uuid
-from pathlib import Path
 
 import pyfuse3
 import trio
@@ -61,6 +60,7 @@ from .tiers.chain import ChunkSource
 from .tiers.faults import wrap_if_enabled as _with_test_faults
 from .tiers.store import open_store
 from .upload import Collector, Uploader
+from .state_files import control_path, exit_report_path, lock_path, node_path, read_daemon_pid
 
 log = logging.getLogger(__name__)
 
@@ -74,53 +74,6 @@ UNMOUNT_CHECK_SECONDS = 1.0
 FUSE_IDLE_TASKS = 32
 #: Requests handled at once (pyfuse3's default).
 FUSE_MAX_TASKS = 99
-
-
-def lock_path(state_dir: Path) -> Path:
-    return state_dir / "daemon.lock"
-
-
-def daemon_running(state_dir: Path) -> bool:
-    """Whether a daemon holds this state dir's lock (robust to pid reuse)."""
-    try:
-        fd = os.open(lock_path(state_dir), os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
-def control_path(state_dir: Path) -> Path:
-    return state_dir / "control.sock"
-
-
-def node_path(state_dir: Path) -> Path:
-    return state_dir / "node.json"
-
-
-def exit_report_path(state_dir: Path) -> Path:
-    return state_dir / "exit.json"
-
-
-def read_exit_report(state_dir: Path, pid: int) -> dict | None:
-    """The report the daemon `pid` left when it exited, or None (it crashed)."""
-    try:
-        report = json.loads(exit_report_path(state_dir).read_text())
-    except (OSError, ValueError):
-        return None
-    return report if isinstance(report, dict) and report.get("pid") == pid else None
-
-
-def read_daemon_pid(state_dir: Path) -> int | None:
-    try:
-        return int(lock_path(state_dir).read_text().strip() or 0) or None
-    except (OSError, ValueError):
-        return None
 
 
 def _raise_open_file_limit() -> None:

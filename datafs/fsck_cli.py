@@ -131,7 +131,7 @@ def _check_unmounted(args: SimpleNamespace) -> dict[str, Any]:
     import trio
 
     from .chunks.cache import ChunkCache
-    from .daemon import lock_path, node_path, read_daemon_pid
+    from .state_files import lock_path, node_path, read_daemon_pid
     from .fsck import Fsck, FsckError
     from .meta.calls import MetaCalls
     from .meta.lmdb_kv import LmdbKV

@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from datafs.daemon import read_daemon_pid
+from datafs.state_files import read_daemon_pid
 from devtools.postgres import PostgresDatabase, PostgresServer
 from datafs.mounts import pid_alive
 

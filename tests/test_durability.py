@@ -26,7 +26,7 @@ from datafs.chunks import chunk_id
 from datafs.chunks.cache import ChunkCache
 from datafs.config import CHUNK_SIZE_BYTES as C
 from datafs.control import request
-from datafs.daemon import control_path
+from datafs.state_files import control_path
 from datafs.fsck import Fsck, render
 from datafs.meta.calls import MetaCalls
 from datafs.meta.kv import open_kv

@@ -24,7 +24,7 @@ from datafs.chunks import chunk_id
 from datafs.chunks.cache import ChunkCache
 from datafs.control import request
 from datafs.config import CHUNK_SIZE_BYTES as C
-from datafs.daemon import control_path
+from datafs.state_files import control_path
 from datafs.fsck import Fsck, render
 from datafs.meta.calls import MetaCalls
 from datafs.meta.kv import KV, Txn, open_kv

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from datafs import fuse_got, fuse_noflush
 from datafs.control import request
-from datafs.daemon import control_path
+from datafs.state_files import control_path
 
 from .conftest import Mount
 

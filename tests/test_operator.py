@@ -34,7 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from datafs import metrics
 from datafs.chunks import chunk_id
 from datafs.control import request
-from datafs.daemon import control_path
+from datafs.state_files import control_path
 from datafs.errors import ChunkMissing, StoreError
 from datafs.fs import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
 from datafs.tiers.file_store import FileStore
