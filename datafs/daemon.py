@@ -465,6 +465,7 @@ class Daemon:
             ("POST", "/fsck"): self._control_fsck,
             ("GET", "/fsck"): self._control_fsck_progress,
             ("GET", "/stats"): self._control_stats,
+            ("POST", "/warm"): self._control_warm,
         }
 
     async def _control_status(self, query: dict, body: dict | None) -> dict:
@@ -524,6 +525,30 @@ class Daemon:
             "cache_bytes": self.cache.size_bytes,
             "cache_limit_bytes": self.cache.limit_bytes,
         }
+
+    async def _control_warm(self, query: dict, body: dict | None) -> dict:
+        """`datafs warmup`: bring the chunks of one file's byte range into the
+        local cache, from a peer or the object store, without sending them
+        through the mount (no FUSE replies, nothing in its page cache). Chunks are
+        fetched one after another: the command keeps `--parallel` requests
+        in flight, so memory stays at that many chunks. Answers the range's
+        bytes that are in the cache now, and those that did not fit."""
+        body = body or {}
+        ino, offset, length = body.get("inode"), body.get("offset", 0), body.get("length", 1 << 62)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (ino, offset, length)) or offset < 0 or length <= 0:
+            raise ControlError(400, "warm needs an inode number, and a non-negative offset and positive length if given")
+        first, last = offset // CHUNK_SIZE_BYTES, (offset + length - 1) // CHUNK_SIZE_BYTES
+        try:
+            refs = await self.calls(self.meta.chunks, ino, first, last)
+            for ref in refs.values():
+                if ref.chunk_id not in self.cache:
+                    await self.source.fetch(ref)
+        except MetaUnavailable as exc:
+            raise ControlError(503, f"the metadata engine does not answer: {exc}") from None
+        except errors.FsError as exc:
+            raise ControlError(502, f"inode {ino}: {exc}") from None
+        kept = sum(ref.length for ref in refs.values() if ref.chunk_id in self.cache)
+        return {"bytes": kept, "not_kept_bytes": sum(ref.length for ref in refs.values()) - kept}
 
     async def _control_pending(self, query: dict, body: dict | None) -> dict:
         """Chunks not yet in the object store: this node's committed ones (from

@@ -17,7 +17,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from datafs.chunks import chunk_id
+from datafs.control import ControlError, request
 from datafs.config import CHUNK_SIZE_BYTES as C
+from datafs.state_files import control_path
 from datafs.tiers.store import object_key
 
 from .conftest import Mount, run_cli, seaweed_fixture
@@ -199,26 +201,49 @@ def _cached_chunks(state_dir: Path) -> set[str]:
     return {p.name for p in root.rglob("*/*")} if root.exists() else set()
 
 
-def test_warmup_fills_an_empty_cache_so_reads_survive_a_store_outage(mount_factory, s3, bucket):
+def _fuse_reads(m: Mount) -> float:
+    return request(control_path(m.state_dir), "GET", "/stats")["fuse_ops_by_op"].get("read", 0)
+
+
+def test_warmup_fills_an_empty_cache_so_reads_survive_a_store_outage(mount_factory, s3, bucket, tmp_path):
     m = s3_mount(mount_factory, s3, bucket)
     (m.path / "model" / "shards").mkdir(parents=True)
+    # A file of 5 chunks: more than one 16 MiB request to the daemon.
     files = {f"model/shards/{i}.bin": os.urandom(C + i * 1000) for i in range(3)}
+    files["model/shards/big.bin"] = os.urandom(5 * C - 3)
     files["model/config.json"] = b'{"layers": 2}\n'
     for name, data in files.items():
         write(m.path / name, data)
     run_cli("sync", str(m.path))
     _cold_remount(m)
     assert _cached_chunks(m.state_dir) == set()
-    result = run_cli("warmup", str(m.path / "model"))
-    assert "warmed 4 files" in result.stdout, result.stdout
+    local = tmp_path / "local"  # not on datafs: read through, in the same command
+    local.mkdir()
+    (local / "x").write_bytes(b"y" * 1000)
+    reads_before = _fuse_reads(m)
+    result = run_cli("warmup", str(m.path / "model"), str(local))
+    total = sum(len(data) for data in files.values()) + 1000
+    assert f"warmed 6 files, {total / (1 << 20):.1f} MiB" in result.stdout, result.stdout
     wanted = {c for data in files.values() for c in expected_chunks(data)}
     assert wanted <= _cached_chunks(m.state_dir)
+    # The daemon fetched them itself: no byte went through the mount.
+    assert _fuse_reads(m) == reads_before
     s3.stop()  # everything must now come from the local cache
     try:
         for name, data in files.items():
             assert sha((m.path / name).read_bytes()) == sha(data), name
     finally:
         s3.start()
+
+
+def test_warm_requests_are_checked(datafs_mount):
+    socket = control_path(datafs_mount.state_dir)
+    for body in ({}, {"inode": "1"}, {"inode": 1, "offset": -1}, {"inode": 1, "length": 0}, {"inode": True}):
+        with pytest.raises(ControlError) as caught:
+            request(socket, "POST", "/warm", body)
+        assert caught.value.status == 400, body
+    # An inode with no chunks (the root directory) warms nothing.
+    assert request(socket, "POST", "/warm", {"inode": 1}) == {"bytes": 0, "not_kept_bytes": 0}
 
 
 def test_warmup_of_a_missing_path_is_one_line_and_nonzero(datafs_mount):
