@@ -83,7 +83,7 @@ WORKLOADS: tuple[Workload, ...] = (
              FS_TARGETS, disk_ref="rename-dir"),
     Workload("upload-lag", "6", "Upload lag: close() of a new {upload} file until all of it is in the bucket", SECONDS,
              REMOTE, s3_ref="s3-put"),
-    Workload("warmup-cold", "7", "Cold pre-read of a {tree} model tree with `datafs warmup`", MIB_S,
+    Workload("warmup-cold", "7", "Cold pre-read of a {tree} model tree: `datafs warmup`, JuiceFS `juicefs warmup`", MIB_S,
              FS_TARGETS, disk_ref="warmup-cold", s3_ref="s3-get"),
     Workload("list-dir", "8", "List a directory of {listing} entries, os.scandir (page cache dropped)", SECONDS,
              FS_TARGETS, disk_ref="list-dir"),

@@ -179,6 +179,12 @@ class Target(abc.ABC):
     def quiesce(self, timeout_seconds: float) -> None:
         """Wait until background uploads are done."""
 
+    def warmup_command(self, tree: Path, parallel: int) -> list[str]:
+        """The command that pre-reads `tree` into this target's caches:
+        `datafs warmup` (for files not on datafs, `find | xargs cat` built in),
+        unless the target has a warmup command of its own."""
+        return [sys.executable, "-m", "datafs", "warmup", str(tree), "--parallel", str(parallel)]
+
     def upload_probe(self, chunk_ids: list[str], size_bytes: int) -> UploadProbe:
         raise NotImplementedError(f"{self.name} has no object store")
 
@@ -487,6 +493,11 @@ class JuicefsTarget(Target):
             detail = (result.stderr or result.stdout).strip().splitlines()
             raise BenchError(f"juicefs {args[0]} failed: {detail[-1] if detail else result.returncode}")
         return result
+
+    def warmup_command(self, tree: Path, parallel: int) -> list[str]:
+        """JuiceFS's own: its daemon fetches the blocks into its cache dir,
+        as datafs's does, rather than having them read through the mount."""
+        return [self.binary, "--no-agent", "warmup", "--threads", str(parallel), str(tree)]
 
     def start(self) -> None:
         prepare_bucket(self.server, self.client, self.bucket)

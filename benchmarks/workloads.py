@@ -24,7 +24,6 @@ import shlex
 import shutil
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Self
@@ -337,7 +336,7 @@ class Workloads:
     def warmup_cold(self) -> list[Row]:
         self._write_tree()
         notes = self.t.cold_restart()
-        command = [sys.executable, "-m", "datafs", "warmup", str(self.tree_dir), "--parallel", str(PARALLEL_READERS)]
+        command = self.t.warmup_command(self.tree_dir, PARALLEL_READERS)
         timeout = io_timeout(self.s.tree_bytes)
         with CpuUse(self.t) as cpu:
             started = time.perf_counter()
@@ -345,10 +344,10 @@ class Workloads:
                 result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=child_env(),
                                         timeout=timeout, stdin=subprocess.DEVNULL)
             except subprocess.TimeoutExpired:
-                raise BenchError(f"{self.t.name}: datafs warmup did not finish within {timeout:.0f} s") from None
+                raise BenchError(f"{self.t.name}: {Path(command[0]).name} warmup did not finish within {timeout:.0f} s") from None
             seconds = time.perf_counter() - started
         if result.returncode != 0:
-            raise BenchError(f"{self.t.name}: datafs warmup failed: {result.stderr.strip()[-300:]}")
+            raise BenchError(f"{self.t.name}: warmup ({' '.join(command[:4])}...) failed: {result.stderr.strip()[-300:]}")
         size = self.s.tree_bytes
         extra = {"bytes": size, "seconds": seconds, "files": self.s.tree_big_files + self.s.tree_small_files,
                  "warmup_output": result.stdout.strip()}
