@@ -56,11 +56,11 @@ from .meta.kv import KV
 from .meta.lmdb_kv import LmdbKV
 from .meta.sessions import SessionKeeper
 from .meta.store import ChunkRef, MetaStore
+from .state_files import control_path, exit_report_path, lock_path, node_path, read_daemon_pid
 from .tiers.chain import ChunkSource
 from .tiers.faults import wrap_if_enabled as _with_test_faults
 from .tiers.store import open_store
 from .upload import Collector, Uploader
-from .state_files import control_path, exit_report_path, lock_path, node_path, read_daemon_pid
 
 log = logging.getLogger(__name__)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -30,11 +31,13 @@ READ_SIZE_BYTES = 4 << 20
 WARM_SLICE_BYTES = 16 << 20
 
 
-def collect_files(paths: list[Path]) -> list[tuple[Path, int]]:
+def collect_files(paths: list[Path]) -> list[tuple[Path, os.stat_result]]:
+    """Regular files named or under the directories named (symlinks inside
+    them are not followed), each with its stat, largest first."""
     out = []
     for path in paths:
         if path.is_file():
-            out.append((path, path.stat().st_size))
+            out.append((path, path.stat()))
             continue
         for root, _, names in os.walk(path):
             for name in names:
@@ -43,28 +46,28 @@ def collect_files(paths: list[Path]) -> list[tuple[Path, int]]:
                     st = full.lstat()
                 except OSError:
                     continue
-                if full.is_file() and not full.is_symlink():
-                    out.append((full, st.st_size))
-    out.sort(key=lambda item: item[1], reverse=True)
+                if stat.S_ISREG(st.st_mode):
+                    out.append((full, st))
+    out.sort(key=lambda item: item[1].st_size, reverse=True)
     return out
 
 
-def _read_all(path: Path, progress: ByteProgress) -> int:
+def _read_all(path: Path, progress: ByteProgress) -> tuple[int, int]:
+    """Read the file through: (bytes read, 0), as `_warm_slice` answers."""
     total = 0
     with open(path, "rb", buffering=0) as f:
         while chunk := f.read(READ_SIZE_BYTES):
             total += len(chunk)
             progress.add_bytes(len(chunk))
-    return total
+    return total, 0
 
 
-def _control_socket(path: Path, cache: dict[int, Path | None]) -> Path | None:
-    """The control socket of the datafs daemon serving `path`, or None
-    (another filesystem, or a socket the caller may not use); looked up once
-    per device."""
+def _control_socket(path: Path, dev: int, cache: dict[int, Path | None]) -> Path | None:
+    """The control socket of the datafs daemon serving `path` (on device
+    `dev`), or None (another filesystem, or a socket the caller may not
+    use); looked up once per device."""
     from .state_files import control_path
 
-    dev = os.stat(path).st_dev
     if dev not in cache:
         info = mounts.mount_containing(path)
         socket = control_path(info.state_dir) if info is not None and info.is_datafs and info.state_dir else None
@@ -89,7 +92,7 @@ def _warm_slice(socket: Path, path: Path, ino: int, offset: int, length: int, pr
 
 def warmup(paths: list[Path], parallel: int = 32, quiet: bool = False) -> dict:
     files = collect_files(paths)
-    total = sum(size for _, size in files)
+    total = sum(st.st_size for _, st in files)
     started = time.monotonic()
     errors: dict[Path, str] = {}
     not_kept: dict[Path, int] = {}
@@ -98,31 +101,23 @@ def warmup(paths: list[Path], parallel: int = 32, quiet: bool = False) -> dict:
     with ByteProgress(total, desc="warmup", disable=quiet or not sys.stderr.isatty(), file=sys.stderr) as progress:
         with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
             futures = {}
-            for path, size in files:
-                try:
-                    socket = _control_socket(path, sockets)
-                    ino = path.stat().st_ino
-                except OSError as exc:
-                    errors[path] = exc.strerror or str(exc)
-                    continue
+            for path, st in files:
+                socket = _control_socket(path, st.st_dev, sockets)
                 if socket is None:
                     futures[pool.submit(_read_all, path, progress)] = path
                     continue
-                for offset in range(0, max(size, 1), WARM_SLICE_BYTES):
-                    futures[pool.submit(_warm_slice, socket, path, ino, offset, WARM_SLICE_BYTES, progress)] = path
+                for offset in range(0, max(st.st_size, 1), WARM_SLICE_BYTES):
+                    futures[pool.submit(_warm_slice, socket, path, st.st_ino, offset, WARM_SLICE_BYTES, progress)] = path
             for future in concurrent.futures.as_completed(futures):
                 path = futures[future]
                 try:
-                    result = future.result()
+                    cached, missed = future.result()
                 except OSError as exc:
                     errors.setdefault(path, exc.strerror or str(exc))
                     continue
-                if isinstance(result, tuple):
-                    done_bytes += result[0]
-                    if result[1]:
-                        not_kept[path] = not_kept.get(path, 0) + result[1]
-                else:
-                    done_bytes += result
+                done_bytes += cached
+                if missed:
+                    not_kept[path] = not_kept.get(path, 0) + missed
     seconds = time.monotonic() - started
     messages = [f"{path}: {error}" for path, error in errors.items()]
     messages += [f"{path}: {size} bytes did not fit in the local cache (see --cache-size)" for path, size in not_kept.items()]
