@@ -23,6 +23,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 from typing import Callable
@@ -150,13 +151,21 @@ def test_dashboard_uses_only_series_a_live_daemon_exports(mount_factory: Callabl
     run_cli("sync", str(m.path))
     assert _read_uncached(m.path / "big") == data
 
-    text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
-    declared: set[str] = set()
-    sampled: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        declared.update({family.name, f"{family.name}_total", f"{family.name}_bucket", f"{family.name}_sum", f"{family.name}_count"})
-        for sample in family.samples:
-            sampled[sample.name] = sampled.get(sample.name, 0.0) + sample.value
+    # The read returns once it has the bytes; the fetched chunks are kept in
+    # the cache just after, and room for them is made first: until those
+    # writes end, the cache can be empty. Scrape once they have.
+    deadline = time.monotonic() + 10
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
+        declared: set[str] = set()
+        sampled: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            declared.update({family.name, f"{family.name}_total", f"{family.name}_bucket", f"{family.name}_sum", f"{family.name}_count"})
+            for sample in family.samples:
+                sampled[sample.name] = sampled.get(sample.name, 0.0) + sample.value
+        if sampled.get("datafs_cache_chunks", 0) > 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
 
     wanted = _dashboard_series()
     assert len(wanted) >= 25, sorted(wanted)
