@@ -37,7 +37,7 @@ from datafs.chunks import chunk_id
 from datafs.config import CHUNK_SIZE_BYTES as C
 from datafs.tiers.store import object_key
 
-from .conftest import Mount
+from .conftest import Mount, wait_until
 
 pytestmark = pytest.mark.mount
 
@@ -129,14 +129,6 @@ def cached_chunks(m: Mount) -> dict[str, list[Path]]:
 
 def in_store(m: Mount, chunk: str) -> bool:
     return (m.state_dir / "store" / object_key(chunk)).exists()
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def expect_errno(code: int, fn: Callable, *args, **kwargs) -> None:

@@ -23,7 +23,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 from typing import Callable
@@ -40,7 +39,7 @@ from datafs.errors import ChunkMissing, StoreError
 from datafs.fs import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
 from datafs.tiers.file_store import FileStore
 
-from .conftest import REPO, Mount, run_cli, sha
+from .conftest import REPO, Mount, run_cli, sha, wait_until
 
 MiB = 1 << 20
 METRICS_PORT = 18941
@@ -154,18 +153,19 @@ def test_dashboard_uses_only_series_a_live_daemon_exports(mount_factory: Callabl
     # The read returns once it has the bytes; the fetched chunks are kept in
     # the cache just after, and room for them is made first: until those
     # writes end, the cache can be empty. Scrape once they have.
-    deadline = time.monotonic() + 10
-    while True:
+    def cache_chunks() -> float:
         text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
-        declared: set[str] = set()
-        sampled: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            declared.update({family.name, f"{family.name}_total", f"{family.name}_bucket", f"{family.name}_sum", f"{family.name}_count"})
-            for sample in family.samples:
-                sampled[sample.name] = sampled.get(sample.name, 0.0) + sample.value
-        if sampled.get("datafs_cache_chunks", 0) > 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+        found = re.search(r"^datafs_cache_chunks (\S+)$", text, re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
+
+    wait_until(lambda: cache_chunks() > 0, 10, "the read's chunks to be kept in the cache")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
+    declared: set[str] = set()
+    sampled: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        declared.update({family.name, f"{family.name}_total", f"{family.name}_bucket", f"{family.name}_sum", f"{family.name}_count"})
+        for sample in family.samples:
+            sampled[sample.name] = sampled.get(sample.name, 0.0) + sample.value
 
     wanted = _dashboard_series()
     assert len(wanted) >= 25, sorted(wanted)
